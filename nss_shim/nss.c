@@ -5,6 +5,7 @@
  * cffi build for tests and the CLI may redirect it (STEPSSH_PATH_OVERRIDE). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <nss.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +17,14 @@
 static struct sc_handle handle = SC_HANDLE_INIT(STEPSSH_CACHE_PATH, 1);
 
 #ifdef STEPSSH_PATH_OVERRIDE
-/* Not present in the module glibc loads. */
+/* Not present in the module glibc loads.  The path is copied: callers (cffi)
+ * may pass a temporary. */
 void stepssh_nss_set_path(const char *path, int require_root_owner) {
+    static char copy[4096];
     sc_reset(&handle);
     pthread_mutex_lock(&handle.mu);
-    handle.path = path;
+    snprintf(copy, sizeof copy, "%s", path);
+    handle.path = copy;
     handle.require_root_owner = require_root_owner;
     pthread_mutex_unlock(&handle.mu);
 }

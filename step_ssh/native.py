@@ -170,3 +170,25 @@ def verify_file(path: str | Path) -> tuple[bool, str]:
         return True, "ok"
     finally:
         lib.sc_close(m)
+
+
+def principals(path: str | Path, user: str) -> Optional[list[str]]:
+    """The principals the cache lists for `user` (None when not a managed user)."""
+    err = ffi.new("int *")
+    m = lib.sc_open_path(str(path).encode(), 0, err)
+    if m == ffi.NULL:
+        raise Unavailable(f"cache {path} is unavailable")
+    try:
+        idx = ffi.new("uint32_t *")
+        r = lib.sc_user_by_name(m, user.encode(), idx)
+        if r == lib.SC_NOTFOUND:
+            return None
+        out, s, i = [], ffi.new("const char **"), 0
+        while r == lib.SC_OK and (r := lib.sc_user_principal(m, idx[0], i, s)) == lib.SC_OK:
+            out.append(_s(s[0]))
+            i += 1
+        if r == lib.SC_UNAVAIL:
+            raise Unavailable(f"cache {path} is corrupt")
+        return out
+    finally:
+        lib.sc_close(m)

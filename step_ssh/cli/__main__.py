@@ -1,0 +1,3 @@
+from step_ssh.cli import main
+
+main()
