@@ -1,4 +1,7 @@
-"""Builds the C parts at install time; nothing native is checked in.
+"""Builds the C parts and the gRPC code at install time; nothing generated is
+checked in.
+
+- step_ssh/proto/stepssh_pb2*.py: generated from stepssh.proto by grpc_tools;
 
 - step_ssh._native: cffi binding of the cache reader and NSS entry points
   (nss_shim/build_cffi.py);
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 CFLAGS = ["-std=gnu11", "-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Werror",
           "-fvisibility=hidden", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong"]
@@ -38,7 +42,20 @@ class BuildNative(build_ext):
             subprocess.run(cmd, check=True)
 
 
+class BuildProto(build_py):
+    """Generate the gRPC modules into the source tree, then copy as usual."""
+
+    def run(self):
+        from grpc_tools import protoc
+
+        proto = "step_ssh/proto/stepssh.proto"
+        args = ["protoc", "-I.", "--python_out=.", "--grpc_python_out=.", "--pyi_out=.", proto]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {proto}")
+        super().run()
+
+
 setup(
     cffi_modules=["nss_shim/build_cffi.py:ffibuilder"],
-    cmdclass={"build_ext": BuildNative},
+    cmdclass={"build_ext": BuildNative, "build_py": BuildProto},
 )

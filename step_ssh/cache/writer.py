@@ -1,8 +1,6 @@
 """Build a cache file from a HostView and publish it atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import zlib
 from array import array
@@ -22,6 +20,7 @@ from step_ssh.cache.format import (
     fnv1a,
     mix32,
 )
+from step_ssh.fsutil import atomic_write
 from step_ssh.cache.local import LocalAccounts, ViewRejected, check_against_local
 from step_ssh.view import ACCESS_CODES, DEFAULT_MIN_ID, Access, Group, HostView
 
@@ -146,29 +145,8 @@ def build(view: HostView, now: Optional[int] = None) -> bytes:
 
 
 def publish_bytes(data: bytes, path: str | Path, mode: int = CACHE_MODE) -> None:
-    """Replace `path` atomically: temp file, fsync, rename, fsync directory.
-    A crash at any point leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace the cache atomically (see fsutil.atomic_write)."""
+    atomic_write(path, data, mode)
 
 
 def write_cache(
