@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -84,6 +85,28 @@ static int validate_header(const struct sc_map *m) {
         !in_data(h, h->groups_off, (uint64_t)h->n_groups * sizeof(struct sc_group_rec)) ||
         !in_data(h, h->pool_off, (uint64_t)h->pool_count * 4))
         return -1;
+    /* The fixed-size sections must not overlap, and no index may start inside
+     * one: otherwise a file whose checksums are right but whose offsets or
+     * counts lie would serve records assembled from the wrong bytes (a
+     * principal as a group member, a group's gid as a user's).  Empty
+     * sections take no room. */
+    const uint64_t sec[4][2] = {
+        {h->strings_off, h->strings_size},
+        {h->users_off, (uint64_t)h->n_users * sizeof(struct sc_user_rec)},
+        {h->groups_off, (uint64_t)h->n_groups * sizeof(struct sc_group_rec)},
+        {h->pool_off, (uint64_t)h->pool_count * 4},
+    };
+    for (size_t i = 0; i < 4; i++) {
+        if (sec[i][1] == 0)
+            continue;
+        uint64_t lo = sec[i][0], hi = sec[i][0] + sec[i][1];
+        for (size_t j = i + 1; j < 4; j++)
+            if (sec[j][1] != 0 && sec[j][0] < hi && lo < sec[j][0] + sec[j][1])
+                return -1;
+        for (size_t j = 4; j < sizeof offs / sizeof offs[0]; j++)
+            if (offs[j] >= lo && offs[j] < hi)
+                return -1;
+    }
     /* Header CRC covers the header (crc field zeroed) and the block table. */
     struct sc_header tmp = *h;
     tmp.header_crc = 0;
@@ -101,7 +124,9 @@ static void unmap(struct sc_map *m) {
 }
 
 struct sc_map *sc_open_path(const char *path, int require_root_owner, int *err) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+    /* O_NONBLOCK: a FIFO at the path must be refused below, not block the
+     * caller's getpwnam forever; it changes nothing for regular files. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
         if (err)
             *err = errno;
@@ -168,7 +193,12 @@ const struct sc_header *sc_header_of(const struct sc_map *m) { return &m->h; }
 int sc_is_stale(const struct sc_map *m, time_t now) {
     if (m->h.max_stale == 0)
         return 0;
-    return (int64_t)now - m->h.confirmed_at > (int64_t)m->h.max_stale;
+    /* now - confirmed_at > max_stale, without signed overflow whatever
+     * confirmed_at the file holds (it is covered by the CRC, not trusted). */
+    int64_t t = (int64_t)now, c = m->h.confirmed_at;
+    if (t <= c)
+        return 0;
+    return (uint64_t)t - (uint64_t)c > (uint64_t)m->h.max_stale;
 }
 
 /* Bounds-check [off, off+len) and CRC-check the blocks it covers. */
@@ -372,6 +402,39 @@ static void *put_aligned(struct bufw *b, size_t align, size_t n) {
     return d;
 }
 
+/* Fast path for the member loop of sc_fill_group (a group of 500 members
+ * copies 500 names): a string that starts in an already-verified block, is
+ * non-empty and ends (NUL) inside that block and inside the caller's buffer is
+ * copied in one pass instead of memchr + memcpy through span().  Anything
+ * else (unverified block, empty, crossing a block, buffer too small, mapping
+ * marked bad) returns NULL and the caller takes the exact path (str_at +
+ * put_str), so results never differ. */
+static char *put_verified_str(struct sc_map *m, uint32_t off, struct bufw *b) {
+    if (off >= m->h.strings_size || __atomic_load_n(&m->bad, __ATOMIC_ACQUIRE))
+        return NULL;
+    uint64_t abs = (uint64_t)m->h.strings_off + off;
+    uint64_t rel = abs - m->h.header_size; /* strings section is in the data region */
+    if (!__atomic_load_n(&m->verified[rel / SC_BLOCK_SIZE], __ATOMIC_ACQUIRE))
+        return NULL;
+    size_t lim = SC_BLOCK_SIZE - (size_t)(rel % SC_BLOCK_SIZE);
+    if (lim > m->h.strings_size - off)
+        lim = m->h.strings_size - off;
+    if (lim > b->left)
+        lim = b->left;
+    const char *s = (const char *)m->base + abs;
+    char *d = b->p;
+    for (size_t i = 0; i < lim; i++) {
+        if ((d[i] = s[i]) == '\0') {
+            if (i == 0)
+                return NULL;
+            b->p += i + 1;
+            b->left -= i + 1;
+            return d;
+        }
+    }
+    return NULL;
+}
+
 /* Records with id 0 are never served, whatever the file says. */
 int sc_fill_passwd(struct sc_map *m, uint32_t idx, struct passwd *pw, char *buf, size_t len) {
     struct sc_user_rec u;
@@ -412,6 +475,8 @@ int sc_fill_group(struct sc_map *m, uint32_t idx, struct group *gr, char *buf, s
     if (!mv)
         return SC_ERANGE;
     for (uint32_t i = 0; i < g.mem_count; i++) {
+        if ((mv[i] = put_verified_str(m, mem[i], &b)))
+            continue;
         size_t l;
         const char *s = str_at(m, mem[i], &l);
         if (!s || l == 0)
@@ -503,4 +568,28 @@ void sc_reset(struct sc_handle *h) {
     drop_locked(h->cur);
     h->cur = NULL;
     pthread_mutex_unlock(&h->mu);
+}
+
+/* ---- the host's own accounts (not the cache): a plain scan, no NSS ---- */
+
+int sc_passwd_file_has(const char *path, const char *name) {
+    size_t n = strlen(name);
+    if (n == 0)
+        return 1;
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    char *line = NULL;
+    size_t cap = 0;
+    int found = 0;
+    while (getline(&line, &cap, f) >= 0) {
+        if (strncmp(line, name, n) == 0 && line[n] == ':') {
+            found = 1;
+            break;
+        }
+    }
+    int err = ferror(f);
+    free(line);
+    fclose(f);
+    return found ? 1 : err ? -1 : 0;
 }

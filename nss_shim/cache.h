@@ -119,4 +119,9 @@ int sc_user_gids(struct sc_map *m, uint32_t idx, const uint32_t **gids, uint32_t
 /* i-th principal of a user: SC_OK and *out, SC_NOTFOUND past the end. */
 int sc_user_principal(struct sc_map *m, uint32_t idx, uint32_t i, const char **out);
 
+/* Local accounts always win: 1 when `name` has an entry in the passwd-format
+ * file `path` (the host's own accounts, normally /etc/passwd), 0 when not, -1
+ * when the file cannot be read (callers then treat the name as local). */
+int sc_passwd_file_has(const char *path, const char *name);
+
 #endif

@@ -174,6 +174,17 @@ EXPORT enum nss_status _nss_stepssh_initgroups_dyn(const char *user, gid_t group
     uint32_t idx, n = 0;
     const uint32_t *gids = NULL;
     int r = sc_user_by_name(m, user, &idx);
+    if (r == SC_OK) {
+        /* Local accounts are never granted managed groups (step-sudo!).
+         * `group` is normally the primary gid of the account the caller
+         * resolved: when it is the cached user's, that account is ours (no
+         * file read on the common path); otherwise a local account with the
+         * same name may have answered first, so ask the passwd file. */
+        struct sc_user_rec u;
+        r = sc_user_record(m, idx, &u);
+        if (r == SC_OK && u.gid != (uint32_t)group && sc_passwd_file_has("/etc/passwd", user) != 0)
+            r = SC_NOTFOUND;
+    }
     if (r == SC_OK)
         r = sc_user_gids(m, idx, &gids, &n);
     if (r != SC_OK) {
