@@ -7,7 +7,11 @@ checked in.
   (nss_shim/build_cffi.py);
 - step_ssh/_lib/libnss_stepssh.so.2: the module glibc loads, compiled from the
   same sources with -Wall -Wextra -Werror and only the _nss_stepssh_* symbols
-  exported.
+  exported;
+- step_ssh/_lib/pam_stepssh.so: the PAM module (pam_module/, only pam_sm_*
+  exported, links libpam);
+- step_ssh/_lib/step-ssh-principals: sshd's AuthorizedPrincipalsCommand
+  (pam_module/principals.c), over the same cache reader.
 """
 import os
 import shlex
@@ -26,6 +30,12 @@ NATIVE = [
     ("libnss_stepssh.so.2", ["nss_shim/cache.c", "nss_shim/nss.c"],
      ["-shared", "-Wl,-soname,libnss_stepssh.so.2", "-Wl,--version-script=nss_shim/nss.map",
       "-Wl,-z,relro,-z,now"], ["-lz"]),
+    ("pam_stepssh.so", ["nss_shim/cache.c", "pam_module/common.c", "pam_module/audit.c",
+                        "pam_module/home.c", "pam_module/authinfo.c", "pam_module/pam_stepssh.c"],
+     ["-shared", "-Ipam_module", "-Wl,--version-script=pam_module/pam.map",
+      "-Wl,-z,relro,-z,now"], ["-lpam", "-lz"]),
+    ("step-ssh-principals", ["nss_shim/cache.c", "pam_module/common.c", "pam_module/principals.c"],
+     ["-fPIE", "-pie", "-Ipam_module", "-Wl,-z,relro,-z,now"], ["-lz"]),
 ]
 
 

@@ -304,7 +304,11 @@ static int probe(struct sc_map *m, uint32_t idx_off, uint32_t nrec, uint32_t has
     /* Check slots one at a time: a lookup verifies only the blocks it reads. */
     if (!in_data(&m->h, (uint64_t)idx_off + 4, 4ull * nb))
         return SC_UNAVAIL;
+    /* With at most nrec occupied slots, a real probe sequence meets an empty
+     * slot within nrec + 1 steps; a longer one means a forged, full table. */
     for (uint32_t i = 0; i < nb; i++) {
+        if (i > nrec)
+            return SC_UNAVAIL;
         const uint32_t *sp = span(m, (uint64_t)idx_off + 4 + 4ull * ((hash + i) & (nb - 1)), 4);
         if (!sp)
             return SC_UNAVAIL;

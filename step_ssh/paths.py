@@ -6,10 +6,16 @@ from pathlib import Path
 CACHE_PATH = Path("/var/lib/step-ssh/cache")  # compiled into the C modules too
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 NSS_MODULE = LIB_DIR / "libnss_stepssh.so.2"
+PAM_MODULE = LIB_DIR / "pam_stepssh.so"
+PRINCIPALS_COMMAND = LIB_DIR / "step-ssh-principals"
+AUDIT_SPOOL = Path("/var/lib/step-ssh/spool/events")  # compiled into the PAM module
 
 
 def installed() -> dict[str, str]:
     return {
         "nss_module": str(NSS_MODULE),
+        "pam_module": str(PAM_MODULE),
+        "principals_command": str(PRINCIPALS_COMMAND),
+        "audit_spool": str(AUDIT_SPOOL),
         "cache": str(CACHE_PATH),
     }

@@ -41,9 +41,11 @@ def security_dir() -> str:
 class TestHost:
     __test__ = False  # not a pytest class
 
-    def __init__(self, keep: bool = False):
+    def __init__(self, keep: bool = False, extra_overlays: Sequence[str] = ()):
         self.tmp = Path(tempfile.mkdtemp(prefix="step-ssh-host-"))
         self.keep = keep
+        # e.g. "/usr/local": a root-owned place for helpers sshd insists on
+        self.extra_overlays = [d for d in extra_overlays if d not in OVERLAID]
         self.libdir = lib_dir()
         self._proc: Optional[subprocess.Popen] = None
         self.pid: Optional[int] = None
@@ -51,7 +53,7 @@ class TestHost:
     # -- lifecycle -------------------------------------------------------
     def start(self) -> "TestHost":
         lines = ["set -e"]
-        for d in OVERLAID + [self.libdir]:
+        for d in OVERLAID + self.extra_overlays + [self.libdir]:
             key = d.strip("/").replace("/", "_")
             up, work = self.tmp / f"{key}.up", self.tmp / f"{key}.work"
             up.mkdir()

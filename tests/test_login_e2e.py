@@ -1,0 +1,334 @@
+"""Logins end to end: real OpenSSH sshd on loopback inside a test host, real
+PAM stacks (the distribution's, plus step-ssh's lines from hostconfig), real
+sudo, certificates from a test CA. Each case checks what the user actually
+gets: `id`, the home directory, whether sudo works.
+
+Bastion: two test hosts (separate mount namespaces, so separate caches,
+/etc and sshd) sharing the loopback network: a bastion whose cache carries
+the bastion flag and gives jack `jump`, and a target where jack has `ssh`.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from login_fixtures import (BASE_VIEW, LOCAL_DAVE_UID, PRINCIPALS, Keys, LoginHost,
+                            unavailable, view_with)
+
+pytestmark = pytest.mark.testhost
+
+
+@pytest.fixture(scope="module")
+def keys():
+    k = Keys()
+    yield k
+    k.close()
+
+
+@pytest.fixture(scope="module")
+def site(keys):
+    why = unavailable()
+    if why:
+        pytest.fail(f"cannot run login tests: {why}")
+    lh = LoginHost(keys).start()
+    try:
+        lh.start_sshd()
+        h = lh.host
+        # dave (local) logs in with a plain key of his own
+        h.run("install -d -o dave -g dave -m 700 /home/dave/.ssh", check=True)
+        h.write("/home/dave/.ssh/authorized_keys", keys.pub("dave-local"), 0o600)
+        h.run("chown dave:dave /home/dave/.ssh/authorized_keys", check=True)
+        yield lh
+    finally:
+        lh.close()
+
+
+@pytest.fixture(autouse=True)
+def base_cache(request):
+    if "site" in request.fixturenames:
+        request.getfixturevalue("site").publish(BASE_VIEW)
+    yield
+
+
+def ok(r) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r.stdout
+
+
+def refused(r) -> None:
+    assert r.returncode == 255, f"expected refusal, got exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "Permission denied" in r.stderr or "Connection closed" in r.stderr, r.stderr
+
+
+def stat(host, path: str, fmt: str = "%u %g %a %F") -> str:
+    return ok(host.run(["stat", "-c", fmt, path])).strip()
+
+
+# -- ssh access ----------------------------------------------------------------
+
+def test_ssh_user_gets_synced_identity_and_a_fresh_home_but_no_sudo(site, keys):
+    h = site.host
+    h.run("rm -rf /home/bob", check=True)
+    before = len(site.events())
+    r = site.ssh("bob", "id; pwd; ls -A; sudo -n true; echo sudo=$?", "bob", keys.cert("bob", ["bob"]))
+    lines = ok(r).splitlines()
+    assert lines[0] == "uid=70002(bob) gid=70100(developers) groups=70100(developers),70101(oncall)"
+    assert lines[1] == "/home/bob"
+    assert {".bashrc", ".profile", ".bash_logout"} <= set(lines[2:-1])
+    assert lines[-1] == "sudo=1"
+    assert "a password is required" in r.stderr
+    assert stat(h, "/home/bob") == "70002 70100 700 directory"
+    assert stat(h, "/home/bob/.bashrc") == "70002 70100 644 regular file"
+    new = site.events()[before:]
+    assert [e["type"] for e in new] == ["session_open", "session_close"]
+    assert new[0]["user"] == "bob" and new[0]["home_created"] is True
+    assert new[0]["service"] == "sshd" and new[0]["rhost"] == "127.0.0.1"
+    # second login: the home is kept as it is
+    h.run("touch /home/bob/keep", check=True)
+    ok(site.ssh("bob", "test -f ~/keep", "bob", keys.cert("bob", ["bob"])))
+    assert site.events()[-2]["home_created"] is False
+
+
+def test_home_that_cannot_be_made_safely_means_no_session(site, keys):
+    h = site.host
+    view = view_with()
+    view["users"].append({"name": "tina", "uid": 70011, "gid": 70011, "home": "/home/shared/tina",
+                          "principals": ["tina"], "access": "ssh"})
+    site.publish(view)
+    h.run("rm -rf /home/shared && mkdir -m 1777 /home/shared", check=True)
+    r = site.ssh("tina", "id", "tina", keys.cert("tina", ["tina"]))
+    assert r.returncode != 0 and "uid=" not in r.stdout
+    assert h.run("ls -A /home/shared").stdout == ""
+    assert "PAM: pam_open_session(): Cannot make/remove an entry for the specified session" in site.sshd_output()
+    h.run("rm -rf /home/shared", check=True)
+
+
+def test_sudo_user_gets_root(site, keys):
+    r = site.ssh("alice", "id -G; sudo -n id -u", "alice", keys.cert("alice", ["alice@example.com"]))
+    groups, uid = ok(r).split("\n")[:2]
+    assert "69999" in groups.split()  # the synthesized step-sudo group
+    assert uid == "0"
+
+
+def test_sudo_checks_access_again_in_pam(site):
+    h = site.host
+    # A session opened while alice held sudo keeps its group list (69999,
+    # step-sudo) after the grant is revoked: sudoers still matches, and
+    # sudo's PAM account phase is what refuses her.
+    alice_old_session = ["setpriv", "--reuid=70001", "--regid=70001", "--groups=70001,70101,69999", "--"]
+    assert ok(h.run(alice_old_session + ["sudo", "-n", "id", "-u"])).strip() == "0"
+    site.publish(view_with(revision=2, users={"alice": {"access": "ssh"}}))
+    assert "alice" not in ok(h.run("getent group step-sudo"))
+    r = h.run(alice_old_session + ["sudo", "-n", "id", "-u"])
+    assert r.returncode == 1 and r.stdout == ""
+    assert "PAM account management error: Permission denied" in r.stderr
+    assert "step-ssh: denied sudo for alice: needs 'sudo' access on this host, has 'ssh'" in site.syslog()
+    # and a stale cache stops sudo too
+    site.publish(view_with(max_stale_seconds=60, confirmed_at=int(time.time()) - 3600))
+    r = h.run(alice_old_session + ["sudo", "-n", "id", "-u"])
+    assert r.returncode == 1 and "PAM account management error" in r.stderr
+    assert "step-ssh: denied sudo for alice: cache is stale" in site.syslog()
+
+
+def test_no_grant_means_no_such_user_and_no_login(site, keys):
+    h = site.host
+    assert h.run("getent passwd mallory").returncode == 2
+    refused(site.ssh("mallory", "id", "mallory", keys.cert("mallory", ["mallory"])))
+    assert "Invalid user mallory" in site.sshd_output()
+
+
+def test_access_none_is_refused_by_principals_and_by_pam(site, keys):
+    h = site.host
+    # erin resolves (NSS serves every cached account) but holds nothing here
+    assert ok(h.run("getent passwd erin")).startswith("erin:x:70005:")
+    refused(site.ssh("erin", "id", "erin", keys.cert("erin", ["erin"])))
+    # Even with a key sshd accepts on its own (authorized_keys), PAM's
+    # account phase refuses her: the helper is not the only gate.
+    h.run("install -d -o 70005 -g 70005 -m 700 /home/erin /home/erin/.ssh", check=True)
+    h.write("/home/erin/.ssh/authorized_keys", keys.pub("erin"), 0o600)
+    h.run("chown 70005:70005 /home/erin/.ssh/authorized_keys", check=True)
+    before = len(site.events())
+    r = site.ssh("erin", "id", "erin")
+    assert r.returncode == 255 and "uid=" not in r.stdout
+    denied = [e for e in site.events()[before:] if e["type"] == "denied"]
+    assert denied and denied[0]["user"] == "erin"
+    assert denied[0]["reason"] == "has no access to this host"
+    assert "step-ssh: denied sshd for erin from 127.0.0.1: has no access to this host" in site.syslog()
+    h.run("rm -rf /home/erin", check=True)
+
+
+def test_certificate_principals_must_match(site, keys):
+    refused(site.ssh("bob", "id", "bob", keys.cert("bob", ["mallory"], tag="-wrong")))
+    # a valid certificate for alice does not open bob's account
+    refused(site.ssh("bob", "id", "alice", keys.cert("alice", ["alice"])))
+    assert "Certificate does not contain an authorized principal" in site.sshd_output()
+
+
+def test_expired_certificate_is_refused(site, keys):
+    refused(site.ssh("bob", "id", "bob", keys.cert("bob", ["bob"], validity="20200101:20200102",
+                                                    tag="-expired")))
+    assert "expired" in site.sshd_output() or "Certificate invalid" in site.sshd_output()
+
+
+def test_local_account_with_a_directory_name_is_untouched(site, keys):
+    h = site.host
+    passwd_line = [line for line in h.read("/etc/passwd").splitlines() if line.startswith("dave:")]
+    assert passwd_line == [f"dave:x:{LOCAL_DAVE_UID}:{LOCAL_DAVE_UID}::/home/dave:/bin/bash"]
+    assert ok(h.run("getent passwd dave")).strip() == passwd_line[0]
+    # the directory's dave (sudo access, principal dave) gets nothing here
+    assert ok(h.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PRINCIPALS,
+                     "dave", str(LOCAL_DAVE_UID)])) == ""
+    refused(site.ssh("dave", "id", "dave", keys.cert("dave", ["dave"])))
+    # the local dave logs in with his own key, as himself, without step-sudo
+    home_before = stat(h, "/home/dave")
+    assert home_before.startswith(f"{LOCAL_DAVE_UID} {LOCAL_DAVE_UID} ")
+    before = len(site.events())
+    r = site.ssh("dave", "id; sudo -n true; echo sudo=$?", "dave-local")
+    lines = ok(r).splitlines()
+    assert lines[0] == f"uid={LOCAL_DAVE_UID}(dave) gid={LOCAL_DAVE_UID}(dave) groups={LOCAL_DAVE_UID}(dave)"
+    assert lines[1] == "sudo=1"
+    assert stat(h, "/home/dave") == home_before  # as useradd made it
+    assert not [e for e in site.events()[before:] if e["user"] == "dave"]
+
+
+def test_revoked_access_refuses_the_next_login(site, keys):
+    cert = keys.cert("carol", ["carol"])
+    ok(site.ssh("carol", "true", "carol", cert))
+    site.publish(view_with(revision=2, users={"carol": {"access": "none"}}))
+    refused(site.ssh("carol", "true", "carol", cert))
+    site.publish(view_with(revision=3, users={"carol": None}))
+    refused(site.ssh("carol", "true", "carol", cert))
+    assert site.host.run("getent passwd carol").returncode == 2
+    site.publish(view_with(revision=4))
+    ok(site.ssh("carol", "true", "carol", cert))
+
+
+def test_stale_cache_refuses_managed_users_but_not_local_ones(site, keys):
+    h = site.host
+    site.publish(view_with(max_stale_seconds=3600, confirmed_at=int(time.time()) - 7200))
+    refused(site.ssh("bob", "id", "bob", keys.cert("bob", ["bob"])))
+    assert ok(h.run("getent passwd bob")).startswith("bob:x:70002:")  # ls -l keeps working
+    assert "cache is stale: no principals for bob" in site.syslog()
+    ok(site.ssh("dave", "true", "dave-local"))
+
+
+def test_corrupt_or_missing_cache_refuses_managed_users_only(site, keys):
+    h = site.host
+    good = site.publish(BASE_VIEW)
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    site.publish_bytes(bytes(bad))
+    refused(site.ssh("bob", "id", "bob", keys.cert("bob", ["bob"])))
+    ok(site.ssh("dave", "true", "dave-local"))
+    h.run("rm -f /var/lib/step-ssh/cache", check=True)
+    refused(site.ssh("bob", "id", "bob", keys.cert("bob", ["bob"])))
+    ok(site.ssh("dave", "true", "dave-local"))
+
+
+def test_jump_access_on_a_host_that_is_not_a_bastion_is_nothing(site, keys):
+    refused(site.ssh("jack", "id", "jack", keys.cert("jack", ["jack"])))
+
+
+# -- bastion ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jump_site(keys):
+    why = unavailable()
+    if why:
+        pytest.fail(f"cannot run login tests: {why}")
+    bastion = LoginHost(keys, view_with(bastion=True), local_dave=False, marker="bastion")
+    target = LoginHost(keys, view_with(users={"jack": {"access": "ssh"}}), local_dave=False,
+                       marker="target")
+    try:
+        bastion.start()
+        target.start()
+        bastion.start_sshd()
+        target.start_sshd()
+        cfg = keys.dir / "jack-ssh-config"
+        cfg.write_text(
+            "Host *\n"
+            f"  IdentityFile {keys.key('jack')}\n"
+            f"  CertificateFile {keys.cert('jack', ['jack'])}\n"
+            "  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 10\n")
+        yield bastion, target, cfg
+    finally:
+        bastion.close()
+        target.close()
+
+
+def test_jump_user_reaches_the_target_through_the_bastion(jump_site):
+    bastion, target, cfg = jump_site
+    log_before = len(bastion.sshd_output())
+    r = bastion.host.run(["ssh", "-F", str(cfg), "-J", f"jack@127.0.0.1:{bastion.port}",
+                          "-p", str(target.port), "jack@127.0.0.1", "cat /etc/step-ssh-test-marker; id -u"])
+    assert ok(r).split() == ["target", "70006"]
+    # the bastion let jack through (PAM account: jump on a bastion) and
+    # created no home for him; no shell ran there
+    assert bastion.host.run("test -e /home/jack").returncode != 0
+    opened = [e for e in bastion.events() if e["user"] == "jack" and e["type"] == "session_open"]
+    assert opened and opened[-1]["access"] == "jump" and opened[-1]["home_created"] is False
+    assert "Starting session" not in bastion.sshd_output()[log_before:]
+
+
+def test_jump_user_gets_no_shell_command_or_pty_on_the_bastion(jump_site):
+    bastion, _, cfg = jump_site
+    base = ["ssh", "-F", str(cfg), "-p", str(bastion.port)]
+    r = bastion.host.run(base + ["jack@127.0.0.1", "cat /etc/step-ssh-test-marker"])
+    assert r.returncode == 1 and "bastion" not in r.stdout
+    assert "may only jump through this host" in r.stderr
+    r = bastion.host.run(base + ["-tt", "jack@127.0.0.1"], input="")
+    assert r.returncode != 0 and "bastion" not in r.stdout
+    assert bastion.host.run("test -e /home/jack").returncode != 0
+    # PAM let the connection in (jump on a bastion), the principals line
+    # restricted it: the forced command is what ran.
+    assert "forced-command (key-option)" in bastion.sshd_output()
+
+
+def test_users_with_a_grant_on_the_bastion_get_a_shell_there(jump_site, keys):
+    bastion, _, _ = jump_site
+    r = bastion.ssh("bob", "cat /etc/step-ssh-test-marker", "bob", keys.cert("bob", ["bob"]))
+    assert ok(r).strip() == "bastion"
+
+
+def test_jump_user_cannot_bypass_the_restriction_with_keys_of_their_own(jump_site, keys, tmp_path):
+    """sshd also reads ~/.ssh/authorized_keys (think NFS homes): a plain key or
+    a `cert-authority` line for a CA of jack's own would log him in without
+    the forwarding-only principals line. The PAM session refuses such logins,
+    and sshd then runs no command and opens no forward."""
+    bastion, target, cfg = jump_site
+    h = bastion.host
+    rogue = Keys()
+    try:
+        rogue_cert = rogue.cert("jack", ["jack"])  # jack's own CA, jack's own key
+        h.run("install -d -o 70006 -g 70006 -m 700 /home/jack /home/jack/.ssh", check=True)
+        h.write("/home/jack/.ssh/authorized_keys",
+                keys.pub("jack-plain") + f"cert-authority {rogue.ca_pub}", 0o600)
+        h.run("chown 70006:70006 /home/jack/.ssh/authorized_keys", check=True)
+        before = len(bastion.events())
+        for key, cert, keysrc in (("jack-plain", None, keys), ("jack", rogue_cert, rogue)):
+            argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "LogLevel=ERROR", "-i", str(keysrc.key(key)), "-p", str(bastion.port)]
+            if cert:
+                argv += ["-o", f"CertificateFile={cert}"]
+            r = h.run(argv + ["jack@127.0.0.1", "cat /etc/step-ssh-test-marker"])
+            assert r.returncode != 0 and "bastion" not in r.stdout, r
+            # and no forwarding either: -W through the bastion fails
+            r = h.run(argv + ["-W", f"127.0.0.1:{target.port}", "jack@127.0.0.1"], input="")
+            assert "SSH-2.0" not in r.stdout, r
+        denied = [e for e in bastion.events()[before:] if e["type"] == "denied"]
+        reasons = {e["reason"] for e in denied}
+        assert "jump-only login not made with a fleet certificate: authenticated by a plain " \
+               "ssh-ed25519 key, not by a certificate" in reasons
+        assert f"jump-only login not made with a fleet certificate: certificate is not signed by " \
+               f"a CA in /etc/ssh/step-ssh-user-ca.pub" in reasons
+        assert "PAM: pam_open_session()" in bastion.sshd_output()
+        # the fleet certificate still works
+        r = h.run(["ssh", "-F", str(cfg), "-J", f"jack@127.0.0.1:{bastion.port}",
+                   "-p", str(target.port), "jack@127.0.0.1", "cat /etc/step-ssh-test-marker"])
+        assert ok(r).strip() == "target"
+    finally:
+        rogue.close()
+        h.run("rm -rf /home/jack")
