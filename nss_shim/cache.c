@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +111,7 @@ static int validate_header(const struct sc_map *m) {
     /* Header CRC covers the header (crc field zeroed) and the block table. */
     struct sc_header tmp = *h;
     tmp.header_crc = 0;
+    tmp.superseded = 0;
     uLong crc = crc32(0L, (const Bytef *)&tmp, sizeof tmp);
     crc = crc32(crc, m->base + h->crc_off, 4u * h->n_blocks);
     return (uint32_t)crc == h->header_crc ? 0 : -1;
@@ -539,7 +541,31 @@ static void drop_locked(struct sc_map *m) {
         unmap(m);
 }
 
+static int64_t mono_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static int superseded(const struct sc_map *m) {
+    const uint32_t *flag = (const uint32_t *)(m->base + offsetof(struct sc_header, superseded));
+    return __atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0;
+}
+
 struct sc_map *sc_acquire(struct sc_handle *h) {
+    int64_t now = mono_ns();
+    /* Fast path: the mapping is current unless the writer flagged it or the
+     * recheck interval passed.  No system call at all. */
+    pthread_mutex_lock(&h->mu);
+    struct sc_map *m = h->cur;
+    int64_t last = (int64_t)h->checked.tv_sec * 1000000000LL + h->checked.tv_nsec;
+    if (m && !superseded(m) && now - last < SC_RECHECK_NS && now >= last) {
+        m->refs++;
+        pthread_mutex_unlock(&h->mu);
+        return m;
+    }
+    pthread_mutex_unlock(&h->mu);
+
     struct stat st;
     int have = stat(h->path, &st) == 0;
     pthread_mutex_lock(&h->mu);
@@ -548,13 +574,16 @@ struct sc_map *sc_acquire(struct sc_handle *h) {
         h->cur = NULL;
     }
     if (!h->cur && have) {
-        /* Mapped without the lock held would be faster under contention, but a
-         * replacement is rare and this keeps the swap trivially correct. */
+        /* Mapped with the lock held: a replacement is rare and this keeps the
+         * swap trivially correct. */
         h->cur = sc_open_path(h->path, h->require_root_owner, NULL);
     }
-    struct sc_map *m = h->cur;
-    if (m)
+    m = h->cur;
+    if (m) {
         m->refs++;
+        h->checked.tv_sec = now / 1000000000LL;
+        h->checked.tv_nsec = now % 1000000000LL;
+    }
     pthread_mutex_unlock(&h->mu);
     return m;
 }

@@ -58,7 +58,11 @@ struct sc_header {
     uint32_t crc_off;
     uint32_t n_blocks;
     uint32_t header_crc;
-    uint32_t reserved;
+    /* Set to 1 in place by the writer on the OLD file right after a new one
+     * replaced it, so readers holding a mapping notice without a stat() per
+     * call.  The one byte range ever written after publication; excluded from
+     * header_crc. */
+    uint32_t superseded;
 };
 
 /* User record: 12 x u32. */
@@ -82,9 +86,14 @@ struct sc_handle {
     int require_root_owner; /* refuse files not owned by root or writable by others */
     pthread_mutex_t mu;
     struct sc_map *cur;
+    struct timespec checked; /* CLOCK_MONOTONIC_COARSE of the last stat() of path */
 };
 
-#define SC_HANDLE_INIT(p, secure) { (p), (secure), PTHREAD_MUTEX_INITIALIZER, NULL }
+/* How long a mapping is trusted without a stat() when nobody marked it
+ * superseded (covers writers that do not set the flag, e.g. a manual mv). */
+#define SC_RECHECK_NS 1000000000LL
+
+#define SC_HANDLE_INIT(p, secure) { (p), (secure), PTHREAD_MUTEX_INITIALIZER, NULL, {0, 0} }
 
 /* Returns a referenced mapping of the file as it is now (remapping if it was
  * replaced), or NULL with *why set to SC_UNAVAIL. Pair with sc_release. */

@@ -127,7 +127,10 @@ static void reseal(uint8_t *b, size_t n) {
         }
     }
     h.header_crc = 0;
+    uint32_t sup = h.superseded;
+    h.superseded = 0;
     uint32_t c = (uint32_t)crc32(0, (const Bytef *)&h, sizeof h);
+    h.superseded = sup;
     if (table_ok)
         c = (uint32_t)crc32(c, b + co, (uInt)(4 * nb));
     h.header_crc = c;

@@ -21,6 +21,12 @@ static struct sc_handle handle = SC_HANDLE_INIT(STEPSSH_CACHE_PATH, 1);
  * may pass a temporary. */
 void stepssh_nss_set_path(const char *path, int require_root_owner) {
     static char copy[4096];
+    pthread_mutex_lock(&handle.mu);
+    int same = handle.path == copy && strcmp(copy, path) == 0 &&
+               handle.require_root_owner == require_root_owner;
+    pthread_mutex_unlock(&handle.mu);
+    if (same)
+        return; /* keep the mapping, as glibc's long-lived callers do */
     sc_reset(&handle);
     pthread_mutex_lock(&handle.mu);
     snprintf(copy, sizeof copy, "%s", path);

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -136,7 +137,10 @@ def test_mapping_refreshed_when_file_replaced(tmp_path):
     data.users[1].gecos = "Robert"
     write_view(path, data)
     assert c.getpwnam("bob").gecos == "Robert"
+    # A writer that does not flag the old file (a manual mv or rm) is
+    # noticed within the recheck interval (SC_RECHECK_NS, 1 s).
     os.unlink(path)
+    time.sleep(1.1)
     with pytest.raises(Unavailable):
         c.getpwnam("bob")
 
@@ -149,3 +153,29 @@ def test_insecure_file_refused_when_ownership_required(example_cache):
     os.chmod(example_cache, 0o644)
     if os.geteuid() == 0:
         assert NssClient(example_cache, require_root_owner=True).getpwnam("alice") is not None
+
+
+def test_superseded_flag_set_on_replacement_and_purge(tmp_path):
+    """The writer flags the file it replaced (readers then look again without
+    a stat per call) and the flag is outside the checksums."""
+    from step_ssh.cache.format import SUPERSEDED_OFFSET
+    from step_ssh.cache.writer import retire
+    from step_ssh.native import verify_file
+
+    path = tmp_path / "cache"
+    write_view(path, make_view())
+    keep = os.open(path, os.O_RDONLY)  # like a reader's mapping of the old inode
+    try:
+        c = NssClient(path)
+        assert c.getpwnam("bob").gecos == "Bob Builder"
+        v = make_view()
+        v.users[1].gecos = "Robert"
+        write_view(path, v)
+        assert os.pread(keep, 4, SUPERSEDED_OFFSET) == b"\x01\x00\x00\x00"
+        assert c.getpwnam("bob").gecos == "Robert"   # seen at once, not after the recheck interval
+        assert verify_file(path) == (True, "ok")
+        assert retire(path) and not path.exists()
+        with pytest.raises(Unavailable):
+            c.getpwnam("bob")
+    finally:
+        os.close(keep)

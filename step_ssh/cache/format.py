@@ -20,9 +20,11 @@ HEADER_FIELDS = (
     "magic version byte_order header_size block_size file_size revision generated_at "
     "confirmed_at max_stale flags n_users n_groups strings_off strings_size users_off "
     "groups_off pool_off pool_count uname_idx_off uid_idx_off gname_idx_off gid_idx_off "
-    "crc_off n_blocks header_crc reserved"
+    "crc_off n_blocks header_crc superseded"
 ).split()
 assert HEADER.size == 128
+# Byte offset of `superseded`, the one field written after publication.
+SUPERSEDED_OFFSET = HEADER.size - 4
 USER_WORDS = 12  # struct sc_user_rec
 GROUP_WORDS = 6  # struct sc_group_rec
 
@@ -71,7 +73,7 @@ class Header:
     crc_off: int
     n_blocks: int
     header_crc: int
-    reserved: int
+    superseded: int
 
     @classmethod
     def parse(cls, data: bytes) -> "Header":

@@ -1,6 +1,9 @@
 """Build a cache file from a HostView and publish it atomically."""
 from __future__ import annotations
 
+import os
+import stat
+import struct
 import time
 import zlib
 from array import array
@@ -14,6 +17,7 @@ from step_ssh.cache.format import (
     GROUP_WORDS,
     HEADER,
     MAGIC,
+    SUPERSEDED_OFFSET,
     USER_WORDS,
     VERSION,
     Header,
@@ -137,16 +141,59 @@ def build(view: HostView, now: Optional[int] = None) -> bytes:
         strings_off=strings_off, strings_size=strings_size, users_off=users_off,
         groups_off=groups_off, pool_off=pool_off, pool_count=len(pool), uname_idx_off=uname,
         uid_idx_off=uid, gname_idx_off=gname, gid_idx_off=gid, crc_off=crc_off,
-        n_blocks=len(crcs), header_crc=0, reserved=0,
+        n_blocks=len(crcs), header_crc=0, superseded=0,
     )
     crc_table = crcs.tobytes()
     header.header_crc = zlib.crc32(crc_table, zlib.crc32(header.pack()))
     return header.pack() + data + crc_table
 
 
+def _open_current(path: Path) -> Optional[int]:
+    """A write descriptor on the cache now at `path`, if it is one of ours."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, len(MAGIC), 0) != MAGIC:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _mark_superseded(fd: int) -> None:
+    """Tell readers still mapping the old file to look at the path again (see
+    `superseded` in docs/cache-format.md); saves them a stat() per lookup."""
+    try:
+        os.pwrite(fd, struct.pack("=I", 1), SUPERSEDED_OFFSET)
+    finally:
+        os.close(fd)
+
+
 def publish_bytes(data: bytes, path: str | Path, mode: int = CACHE_MODE) -> None:
-    """Replace the cache atomically (see fsutil.atomic_write)."""
-    atomic_write(path, data, mode)
+    """Replace the cache atomically (see fsutil.atomic_write), then flag the
+    file it replaced as superseded."""
+    old = _open_current(Path(path))
+    try:
+        atomic_write(path, data, mode)
+    except BaseException:
+        if old is not None:
+            os.close(old)
+        raise
+    if old is not None:
+        _mark_superseded(old)
+
+
+def retire(path: str | Path) -> bool:
+    """Remove the cache (deactivate --purge), flagging it for current readers."""
+    old = _open_current(Path(path))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    finally:
+        if old is not None:
+            _mark_superseded(old)
+    return True
 
 
 def write_cache(
