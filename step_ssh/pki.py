@@ -166,3 +166,78 @@ def key_matches_cert(key_pem: bytes, cert_pem_bytes: bytes) -> bool:
     cpub = load_cert(cert_pem_bytes).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pub == cpub
+
+
+# ---- anonymous enrollment bootstrap -------------------------------------------
+#
+# gRPC's Python server can either require a client certificate or not ask for
+# one at all; it cannot ask for one optionally. The control plane therefore
+# requires a client certificate on every connection and also trusts a second,
+# *public* CA whose private key is derived from a published constant: anyone
+# can mint a certificate under it, so such a certificate proves nothing and
+# grants nothing but a TLS handshake. The server derives identity only from
+# certificates signed directly by its own CA (see `verify_issued_by`); the only
+# RPC an anonymous caller may use is Enroll, which a one-time token guards.
+
+BOOTSTRAP_SEED = b"step-ssh anonymous enrollment bootstrap v1 (public, grants nothing)"
+BOOTSTRAP_CN = "step-ssh anonymous enrollment (public key, grants nothing)"
+_BOOTSTRAP_EPOCH = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+_BOOTSTRAP_END = dt.datetime(2120, 1, 1, tzinfo=dt.timezone.utc)
+_bootstrap_cache: dict[str, bytes] = {}
+
+
+def _bootstrap_ca_key():
+    seed = int.from_bytes(hashlib.sha256(BOOTSTRAP_SEED).digest(), "big")
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256
+    return ec.derive_private_key(seed % (order - 1) + 1, ec.SECP256R1())
+
+
+def bootstrap_ca_pem() -> bytes:
+    """The public enrollment CA the server adds to its client trust roots."""
+    if "ca" not in _bootstrap_cache:
+        key = _bootstrap_ca_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BOOTSTRAP_CN)])
+        cert = (x509.CertificateBuilder()
+                .subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(_BOOTSTRAP_EPOCH).not_valid_after(_BOOTSTRAP_END)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=False,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        _bootstrap_cache["ca"] = cert_pem(cert)
+    return _bootstrap_cache["ca"]
+
+
+def bootstrap_client_identity() -> tuple[bytes, bytes]:
+    """(key_pem, cert_pem) an enrolling host presents before it has a
+    certificate of its own: `grpc.ssl_channel_credentials(ca_pem, key, cert)`."""
+    if "leaf" not in _bootstrap_cache:
+        ca_key = _bootstrap_ca_key()
+        key_pem = new_private_key()
+        issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, BOOTSTRAP_CN)])
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "step-ssh enrollment")]))
+                .issuer_name(issuer).public_key(load_key(key_pem).public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_BOOTSTRAP_EPOCH).not_valid_after(_BOOTSTRAP_END)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        _bootstrap_cache["leaf"] = cert_pem(cert)
+        _bootstrap_cache["leaf_key"] = key_pem
+    return _bootstrap_cache["leaf_key"], _bootstrap_cache["leaf"]
+
+
+def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True when `cert` is signed directly by `ca_cert` (name and signature)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+        return True
+    except (ValueError, TypeError, Exception):  # InvalidSignature is not a ValueError
+        return False
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")

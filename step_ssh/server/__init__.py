@@ -1,0 +1,1 @@
+"""step-ssh-server: the control plane (docs/control-plane.md)."""

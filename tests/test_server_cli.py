@@ -1,0 +1,100 @@
+"""step-ssh-server init / token / profile / run as commands."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from click.testing import CliRunner
+from cryptography import x509
+from server_fixtures import module_server  # noqa: F401
+
+from step_ssh import pki
+from step_ssh.server.cli import main
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def server_cmd(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "step_ssh.server.cli", *args], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def test_init_layout_modes_and_sans(tmp_path):
+    d = tmp_path / "srv"
+    r = run_cli("init", "--dir", str(d), "--san", "cp.example.com", "--san", "10.0.0.5")
+    assert r.exit_code == 0, r.output
+    fp = pki.fingerprint((d / "ca.crt").read_bytes())
+    assert f"CA fingerprint (hosts pin this): {fp}" in r.output
+    for name in ("ca.key", "server.key", "admin-profile.yaml", "ssh_user_ca", "server.db"):
+        assert stat.S_IMODE(os.stat(d / name).st_mode) == 0o600, name
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    cert = pki.load_cert((d / "server.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = set(san.get_values_for_type(x509.DNSName)) | {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    assert {"localhost", "127.0.0.1", "::1", "cp.example.com", "10.0.0.5"} <= names
+    r = run_cli("init", "--dir", str(d))
+    assert r.exit_code == 1 and "already initialized" in r.output
+
+
+def test_init_with_an_existing_ca(tmp_path):
+    ca, key = pki.create_ca("corp CA")
+    (tmp_path / "ca.pem").write_bytes(ca)
+    (tmp_path / "ca.key").write_bytes(key)
+    (tmp_path / "other.key").write_bytes(pki.new_private_key())
+    leaf_key = pki.new_private_key()
+    (tmp_path / "leaf.pem").write_bytes(pki.issue(ca, key, pki.load_key(leaf_key).public_key(), "leaf"))
+    r = run_cli("init", "--dir", str(tmp_path / "a"), "--ca-cert", str(tmp_path / "ca.pem"), "--ca-key",
+                str(tmp_path / "other.key"))
+    assert r.exit_code == 1 and "does not match" in r.output
+    r = run_cli("init", "--dir", str(tmp_path / "b"), "--ca-cert", str(tmp_path / "leaf.pem"), "--ca-key",
+                str(tmp_path / "ca.key"))
+    assert r.exit_code == 1 and "not a CA certificate" in r.output
+    r = run_cli("init", "--dir", str(tmp_path / "c"), "--ca-cert", str(tmp_path / "ca.pem"))
+    assert r.exit_code == 1 and "both --ca-cert and --ca-key" in r.output
+    r = run_cli("init", "--dir", str(tmp_path / "d"), "--ca-cert", str(tmp_path / "ca.pem"), "--ca-key",
+                str(tmp_path / "ca.key"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["ca_fingerprint"] == pki.fingerprint(ca)
+    assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "server.db").exists()
+
+
+def test_token_command_against_a_running_server(module_server):
+    s = module_server
+    r = server_cmd("token", "--dir", str(s.dir), "--hostname", "cli-host", "--tag", "env=prod", "--ttl", "5m")
+    assert r.returncode == 0, r.stderr
+    tok = r.stdout.strip()
+    assert tok.startswith("sst_") and len(r.stdout.splitlines()) == 1
+    e = s.enroll_raw(tok, pki.new_private_key(), "cli-host")
+    assert e.hostname == "cli-host" and dict(e.tags) == {"env": "prod"}
+    r = server_cmd("token", "--dir", str(s.dir), "--hostname", "x", "--tag", "nonsense")
+    assert r.returncode == 1 and "malformed tag" in r.stderr
+    r = server_cmd("token", "--dir", str(s.dir), "--hostname", "x", "--ttl", "soon")
+    assert r.returncode == 1 and "invalid duration" in r.stderr
+    r = server_cmd("token", "--dir", str(s.base / "nowhere"), "--hostname", "x")
+    assert r.returncode == 1 and "not an initialized server directory" in r.stderr
+
+
+def test_profile_command_issues_a_working_admin_profile(module_server, tmp_path):
+    s = module_server
+    out = tmp_path / "ops.yaml"
+    r = run_cli("profile", "--dir", str(s.dir), "--name", "ops", "--out", str(out), "--server", s.address)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    r = s.ctl("--profile", str(out), "--json", "user", "list")
+    assert r.exit_code == 0, r.output
+    assert any(rec.get("caller") == "admin:ops" for rec in s.log_records())
+
+
+def test_run_refuses_a_busy_port_and_logs_json(module_server):
+    s = module_server
+    r = server_cmd("run", "--dir", str(s.dir), "--listen", s.address)
+    assert r.returncode == 1
+    recs = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert any(rec["msg"] == "cannot start" and rec["level"] == "error" for rec in recs), r.stderr
+    r = server_cmd("run", "--dir", str(s.base / "nowhere"))
+    assert r.returncode == 1 and "step-ssh-server init" in r.stderr
