@@ -81,3 +81,87 @@ def check_against_local(view: HostView, local: LocalAccounts, min_id: int = DEFA
         if gid < min_id:
             problems.append(f"group {name}: gid {gid} is below the minimum {min_id}")
     return list(dict.fromkeys(problems))
+
+
+def drop_conflicts(
+    view: HostView, local: LocalAccounts, min_id: int = DEFAULT_MIN_ID
+) -> tuple[HostView, list[str]]:
+    """The view without every entry that would shadow or undercut the host's
+    accounts, and one line per dropped entry.
+
+    Unlike `check_against_local` (all or nothing, for `cache build`), this is
+    what the agent does: one bad entry must not freeze every other change,
+    revocations included, so only the offending entries go:
+
+    - a user whose name or uid is local, or whose uid/gid is below `min_id`;
+    - a group whose name or gid is local or whose gid is below `min_id`
+      (its members stay, without it);
+    - a user whose user-private group (synthesized for a primary gid no group
+      has) would collide with a local group;
+    - dropped users are removed from every group's members.
+
+    The sudo group is a host setting, not an entry: when it collides, nothing
+    can be dropped to fix it and ViewRejected is raised.
+    """
+    problems: list[str] = []
+    sg = view.sudo_group
+    sudo_bad = []
+    if sg.name in local.group_names:
+        sudo_bad.append(f"sudo group {sg.name}: name is a local group (gid {local.group_names[sg.name]})")
+    if sg.gid in local.gids:
+        sudo_bad.append(f"sudo group {sg.name}: gid {sg.gid} belongs to local group {local.gids[sg.gid]}")
+    if sg.gid < min_id:
+        sudo_bad.append(f"sudo group {sg.name}: gid {sg.gid} is below the minimum {min_id}")
+    if sudo_bad:
+        raise ViewRejected(sudo_bad)
+
+    groups = []
+    for g in view.groups:
+        why = group_conflicts(g.name, g.gid, local, min_id)
+        if why:
+            problems.append(f"group {g.name!r} (gid {g.gid}) dropped: " + "; ".join(why))
+        else:
+            groups.append(g)
+    named = {g.gid for g in groups} | {sg.gid}
+    users = []
+    for u in view.users:
+        why = user_conflicts(u.name, u.uid, u.gid, local, min_id)
+        if not why and u.gid not in named:
+            why = [f"its private group {w}" for w in group_conflicts(u.name, u.gid, local, min_id)]
+        if why:
+            problems.append(f"user {u.name!r} (uid {u.uid}) dropped: " + "; ".join(why))
+        else:
+            users.append(u)
+    if len(users) != len(view.users):
+        kept = {u.name for u in users}
+        groups = [g.model_copy(update={"members": [m for m in g.members if m in kept]})
+                  if any(m not in kept for m in g.members) else g for g in groups]
+    if not problems:
+        return view, []
+    return view.model_copy(update={"users": users, "groups": groups}), problems
+
+
+def user_conflicts(name: str, uid: int, gid: int, local: LocalAccounts, min_id: int) -> list[str]:
+    """Why a managed user with these fields may not be published (empty: fine)."""
+    why = []
+    if name in local.user_names:
+        why.append(f"name is a local account (uid {local.user_names[name]})")
+    if uid in local.uids:
+        why.append(f"uid {uid} belongs to local user {local.uids[uid]}")
+    if uid < min_id:
+        why.append(f"uid {uid} is below the minimum {min_id}")
+    if gid < min_id:
+        why.append(f"gid {gid} is below the minimum {min_id}")
+    return why
+
+
+def group_conflicts(name: str, gid: int, local: LocalAccounts, min_id: int) -> list[str]:
+    """Why a managed group with this name and gid may not be published."""
+    why = []
+    if name in local.group_names:
+        why.append(f"name is a local group (gid {local.group_names[name]})")
+    if gid in local.gids:
+        why.append(f"gid {gid} belongs to local group {local.gids[gid]}")
+    if gid < min_id:
+        why.append(f"gid {gid} is below the minimum {min_id}")
+    return why
