@@ -8,7 +8,7 @@
 #include "cache.h"
 
 #ifndef STEPSSH_CA_KEYS
-#define STEPSSH_CA_KEYS "/etc/ssh/step-ssh-user-ca.pub"
+#define STEPSSH_CA_KEYS "/var/lib/step-ssh/trusted-user-ca-keys"
 #endif
 
 /* 0 when every method in `auth_info` is a public-key login with a user

@@ -18,7 +18,7 @@
  *   nohome              do not create homes
  *   ca_keys=FILE        the CAs sshd trusts (TrustedUserCAKeys), to check how
  *                       jump-only users logged in (default
- *                       /etc/ssh/step-ssh-user-ca.pub)
+ *                       /var/lib/step-ssh/trusted-user-ca-keys)
  *   spool=DIR           audit spool directory (default /var/lib/step-ssh/spool)
  *   spool_max=BYTES     spool size limit (default 64 MiB; 0 = unlimited)
  *   noaudit             do not write audit events

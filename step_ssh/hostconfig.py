@@ -34,9 +34,10 @@ PAM_ACCOUNT_CONTROL = "[success=done ignore=ignore default=die]"
 PAM_SESSION_CONTROL = "required"
 
 SSHD_DROPIN_PATH = "/etc/ssh/sshd_config.d/10-step-ssh.conf"
-# sshd's TrustedUserCAKeys; also pam_stepssh's ca_keys= default (jump-only
+# sshd's TrustedUserCAKeys, kept current by the agent (under its state dir, the
+# only place the hardened unit may write); also pam_stepssh's ca_keys= default (jump-only
 # sessions on a bastion must come from a certificate signed by one of these)
-USER_CA_KEYS_PATH = "/etc/ssh/step-ssh-user-ca.pub"
+USER_CA_KEYS_PATH = "/var/lib/step-ssh/trusted-user-ca-keys"
 SUDOERS_PATH = "/etc/sudoers.d/step-ssh"
 SUDOERS_MODE = 0o440
 TEMPLATES = Path(__file__).resolve().parent / "templates"
