@@ -166,3 +166,61 @@ def check_sudoers_text(text: str) -> None:
         f.write(text)
         f.flush()
         validate_sudoers(f.name)
+
+
+# ---- nsswitch ---------------------------------------------------------------------
+
+NSS_SERVICE = "stepssh"
+
+
+def nsswitch_with(conf: str, service: str = NSS_SERVICE, databases: Sequence[str] = ("passwd", "group")) -> str:
+    """`conf` with `service` right after `files` on the given databases,
+    everything else kept as it is. Idempotent."""
+    out = []
+    for line in conf.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and not key.lstrip().startswith("#") and key.strip() in databases and service not in rest.split():
+            words = rest.split()
+            at = words.index("files") + 1 if "files" in words else 0
+            words.insert(at, service)
+            line = f"{key}:{' ' * max(1, 14 - len(key))}{' '.join(words)}"
+        out.append(line)
+    missing = [d for d in databases if not any(l.partition(":")[0].strip() == d for l in out)]
+    out += [f"{d}:{' ' * max(1, 14 - len(d))}files {service}" for d in missing]
+    return "\n".join(out) + "\n"
+
+
+# ---- pam-auth-update (Debian) -------------------------------------------------------
+
+PAM_PROFILE_NAME = "step-ssh"
+PAM_PROFILE_PATH = "/usr/share/pam-configs/step-ssh"
+# Files pam-auth-update rewrites or keeps its state in; activate records them
+# before running it so deactivate can put them back byte for byte.
+PAM_AUTH_UPDATE_FILES = [
+    "/etc/pam.d/common-account", "/etc/pam.d/common-auth", "/etc/pam.d/common-password",
+    "/etc/pam.d/common-session", "/etc/pam.d/common-session-noninteractive",
+    "/var/lib/pam/account", "/var/lib/pam/auth", "/var/lib/pam/password",
+    "/var/lib/pam/session", "/var/lib/pam/session-noninteractive", "/var/lib/pam/seen",
+]
+
+
+def pam_auth_update_profile(account_args: Sequence[str] = ("default=ssh",), session_args: Sequence[str] = ()) -> str:
+    """A pam-auth-update profile: the account line is a Primary module placed
+    before pam_unix, so a managed user who holds the access jumps past
+    pam_unix (which would deny them: no shadow entry) while everyone else
+    falls through unchanged; `default=ssh` gives services other than sshd,
+    sudo and su (cron, login, systemd-user) the ssh requirement."""
+    acct = _module_line("", PAM_ACCOUNT_CONTROL.replace("success=done", "success=end"), PAM_MODULE_NAME,
+                        account_args).strip()
+    sess = _module_line("", PAM_SESSION_CONTROL, PAM_MODULE_NAME, session_args).strip()
+    return (
+        "Name: step-ssh: centrally managed SSH access (account checks, home directories, audit)\n"
+        "Default: yes\n"
+        "Priority: 300\n"
+        "Account-Type: Primary\n"
+        "Account:\n"
+        f"\t{acct}\n"
+        "Session-Type: Additional\n"
+        "Session:\n"
+        f"\t{sess}\n"
+    )

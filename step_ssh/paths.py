@@ -1,6 +1,8 @@
 """Where things live: fixed system paths and the artifacts this package built."""
 from __future__ import annotations
 
+import subprocess
+import sysconfig
 from pathlib import Path
 
 CACHE_PATH = Path("/var/lib/step-ssh/cache")  # compiled into the C modules too
@@ -19,3 +21,18 @@ def installed() -> dict[str, str]:
         "audit_spool": str(AUDIT_SPOOL),
         "cache": str(CACHE_PATH),
     }
+
+
+def lib_dir() -> str:
+    """The directory glibc searches for NSS modules (Debian multiarch)."""
+    arch = sysconfig.get_config_var("MULTIARCH") or subprocess.run(
+        ["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    for cand in (f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/usr/lib"):
+        if arch and Path(cand, "libc.so.6").exists():
+            return cand
+    return "/usr/lib"
+
+
+def security_dir() -> str:
+    """Where PAM loads modules from."""
+    return str(Path(lib_dir()) / "security")

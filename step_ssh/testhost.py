@@ -14,28 +14,15 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from step_ssh.hostconfig import nsswitch_with
+from step_ssh.paths import lib_dir, security_dir  # noqa: F401  (re-exported for tests)
+
 OVERLAID = ["/etc", "/var", "/home"]
-
-
-def lib_dir() -> str:
-    """The directory glibc searches for NSS modules (Debian multiarch)."""
-    arch = sysconfig.get_config_var("MULTIARCH") or subprocess.run(
-        ["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
-    for cand in (f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/usr/lib"):
-        if arch and Path(cand, "libc.so.6").exists():
-            return cand
-    return "/usr/lib"
-
-
-def security_dir() -> str:
-    """Where PAM loads modules from."""
-    return str(Path(lib_dir()) / "security")
 
 
 class TestHost:
@@ -140,18 +127,4 @@ class TestHost:
         """Put our NSS module where glibc looks and add `stepssh` after `files`."""
         self.run(["install", "-m", "0644", str(module), f"{self.libdir}/libnss_stepssh.so.2"], check=True)
         conf = self.read("/etc/nsswitch.conf")
-        self.write("/etc/nsswitch.conf", add_nss_service(conf, "stepssh"))
-
-
-def add_nss_service(conf: str, service: str, databases: Sequence[str] = ("passwd", "group")) -> str:
-    """Insert `service` right after `files` on the given databases (idempotent)."""
-    out = []
-    for line in conf.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and key.strip() in databases and service not in rest.split():
-            words = rest.split()
-            at = words.index("files") + 1 if "files" in words else len(words)
-            words.insert(at, service)
-            line = f"{key}:{' ' * max(1, 14 - len(key))}{' '.join(words)}"
-        out.append(line)
-    return "\n".join(out) + "\n"
+        self.write("/etc/nsswitch.conf", nsswitch_with(conf))

@@ -187,6 +187,56 @@ class Host:
                 staged.unlink(missing_ok=True)
         atomic_write(real, c.content, c.mode)
 
+    # -- whole-run checkpoints (activate spans files, commands and services) --
+    def checkpoint(self, paths: list[str]) -> dict:
+        """Remember `paths` and the manifest as they are now (in memory)."""
+        files = {}
+        for path in paths:
+            real = self.p(path)
+            try:
+                st = os.lstat(real)
+                files[path] = (real.read_bytes(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) \
+                    if stat.S_ISREG(st.st_mode) else "other"
+            except FileNotFoundError:
+                files[path] = None
+        try:
+            manifest = self.manifest_path.read_bytes()
+        except FileNotFoundError:
+            manifest = None
+        return {"files": files, "manifest": manifest, "backups": self._backup_names()}
+
+    def _backup_names(self) -> set[str]:
+        d = self.state / "backups"
+        return {f.name for f in d.iterdir()} if d.is_dir() else set()
+
+    def rollback(self, cp: dict) -> None:
+        """Put every checkpointed path and the manifest back as they were."""
+        for path, was in cp["files"].items():
+            if was == "other":
+                continue
+            real = self.p(path)
+            if was is None:
+                real.unlink(missing_ok=True)
+            else:
+                data, mode, uid, gid = was
+                atomic_write(real, data, mode)
+                os.chown(real, uid, gid)
+        for name in self._backup_names() - cp["backups"]:
+            (self.state / "backups" / name).unlink()
+        if cp["manifest"] is None:
+            self.manifest_path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.manifest_path, cp["manifest"], 0o600, 0o700)
+
+    def record(self, paths: list[str]) -> None:
+        """Record the originals of files an external tool is about to rewrite
+        (pam-auth-update), so restore() can put them back."""
+        manifest = self.manifest()
+        for path in paths:
+            if path not in manifest:
+                manifest[path] = self._capture(path, persist=True)[0]
+        self._save_manifest(manifest)
+
     def restore(self, keep_state: bool = False) -> list[str]:
         """Put every recorded file back exactly as it was before activation."""
         manifest = self.manifest()
