@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  gcc make python3 python3-dev python3-venv libpam0g-dev zlib1g-dev
+  gcc make python3 python3-dev python3-venv python3-apt libpam0g-dev zlib1g-dev
   openssh-server openssh-client sudo pamtester util-linux iproute2 procps
   clang libclang-rt-14-dev valgrind
 )
