@@ -56,7 +56,7 @@ class AgentProc:
     def cache_path(self) -> str:
         return self.config.get("cache_path") or str(Path(self.config.get("state_dir", "/var/lib/step-ssh")) / "cache")
 
-    def start(self, *extra: str) -> "AgentProc":
+    def start(self, *extra: str, env: Optional[dict] = None) -> "AgentProc":
         assert self.proc is None
         cmd = [sys.executable, "-m", "step_ssh.cli", "agent", "--config", str(self.config_path), *extra]
         log = open(self.log_path, "ab")
@@ -69,7 +69,8 @@ class AgentProc:
                 os.unlink(self.status_file)
             except FileNotFoundError:
                 pass
-            self.proc = subprocess.Popen(DIE_WITH_PARENT + cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(DIE_WITH_PARENT + cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(env or {})})
         log.close()
         return self
 

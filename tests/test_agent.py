@@ -4,10 +4,8 @@ real `step-ssh agent` on loopback, the agent inside a test host so glibc's NSS
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -83,6 +81,15 @@ def test_grant_appears_and_revoke_disappears(testhost, running_server, tmp_path)
         r = testhost.run(STEP_SSH + ["status", "--config", str(agent.config_path)])
         assert r.returncode == 1, r.stdout  # entries dropped: degraded
         assert "connected to" in r.stdout and "carol" in r.stdout and "stepssh://host/" in r.stdout
+        r = testhost.run(STEP_SSH + ["status", "--config", str(agent.config_path), "--show-cert"])
+        assert "BEGIN CERTIFICATE" in r.stdout and "CA sha256:  " + s.fingerprint in r.stdout
+        import json
+        js = json.loads(testhost.run(STEP_SSH + ["status", "--config", str(agent.config_path), "--json"]).stdout)
+        assert js["running"] and js["connected"] and js["cache_file"]["valid"] and not js["cache_file"]["stale"]
+        assert js["cache_file"]["revision"] == js["revision"] and "pem" not in js["certificate"]
+        assert js["certificate"]["sans"] == [f"stepssh://host/{js['certificate']['host_id']}"]
+        r = testhost.run(STEP_SSH + ["agent", "--config", str(agent.config_path), "--check"])
+        assert r.returncode == 0 and ": ok; identity CN=web1" in r.stdout, r.stderr
 
         s.admin.RemoveGrant(pb.IdRef(id=gid))
         agent.wait_revision(s.revision())

@@ -167,3 +167,15 @@ def test_raw_view_keeps_unknown_fields_and_heartbeats_decode():
     kind, hb = decode_event(pb.WatchEvent(heartbeat=pb.Heartbeat(revision=3, server_time=5)).SerializeToString())
     assert kind == "heartbeat" and hb.revision == 3
     assert decode_event(b"") == ("empty", None)
+
+
+def test_wire_walker_field_numbers_match_the_proto():
+    """rawview walks the wire format by field number: keep it in step with stepssh.proto."""
+    from step_ssh.agent import rawview as rv
+    hv = pb.HostView.DESCRIPTOR.fields_by_name
+    assert (hv["revision"].number, hv["users"].number, hv["groups"].number, hv["settings"].number) == \
+        (rv.HV_REVISION, rv.HV_USERS, rv.HV_GROUPS, rv.HV_SETTINGS)
+    sn = pb.Snapshot.DESCRIPTOR.fields_by_name
+    assert (sn["view"].number, sn["shrink_intended"].number) == (rv.SNAP_VIEW, rv.SNAP_SHRINK)
+    ev = pb.WatchEvent.DESCRIPTOR.fields_by_name
+    assert (ev["snapshot"].number, ev["delta"].number, ev["heartbeat"].number) == (rv.EV_SNAPSHOT, 2, 3)

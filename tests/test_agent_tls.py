@@ -1,14 +1,15 @@
 """Every TLS failure the agent can meet produces a message an operator can
 act on; certificates rotate without the stream going away for longer than a
-reconnect. Real server, real agent processes on loopback."""
+reconnect; systemd hears READY/STATUS/STOPPING. Real server, real agent
+processes on loopback."""
 from __future__ import annotations
 
 import datetime as dt
 import shutil
+import socket
 import time
 from pathlib import Path
 
-import pytest
 
 from agent_helpers import AgentProc, grant, identity_files, issue_host_cert
 from server_fixtures import free_port, running_server  # noqa: F401  (pytest fixture)
@@ -175,3 +176,48 @@ def test_certificate_renewed_before_expiry_while_streaming(running_server, tmp_p
         assert renew_lines and "ERROR" not in log, log
     finally:
         a.stop()
+
+
+def _notifications(sock: socket.socket, until: str, timeout: float = 20.0) -> list[str]:
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            break
+        if until in got[-1]:
+            return got
+    raise AssertionError(f"no {until!r} from the agent; got {got}")
+
+
+def test_systemd_notifications(running_server, tmp_path):
+    """READY=1 once the control plane confirmed the cache; STOPPING=1 on
+    SIGTERM; and with the control plane down at start, READY=1 after
+    ready_timeout because a valid cache from the earlier run is in place."""
+    s = running_server
+    h = s.enroll("web1", {})
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    a = _agent(tmp_path, "sd", s.address, {"type": "builtin", "dir": str(h.identity)}, ready_timeout=1)
+    try:
+        a.start(env={"NOTIFY_SOCKET": path})
+        got = _notifications(sock, "READY=1")
+        assert "STATUS=connected to" in got[-1]
+        assert a.status()["ready"] and a.status()["connected"]
+        assert a.stop() == 0
+        assert any("STOPPING=1" in m for m in _notifications(sock, "STOPPING=1", timeout=5))
+        s.stop()
+        a.start(env={"NOTIFY_SOCKET": path})
+        t0 = time.monotonic()
+        got = _notifications(sock, "READY=1")
+        assert time.monotonic() - t0 >= 0.9
+        st = a.status()
+        assert st["ready"] and not st["connected"] and st["last_error"]["kind"] == "unreachable"
+        assert "serving the cache" in a.log()
+        assert any("STATUS=disconnected: server unreachable" in m for m in got)
+    finally:
+        a.stop()
+        sock.close()

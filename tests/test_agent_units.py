@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -161,8 +160,10 @@ def test_local_account_added_later_wins(make_agent, tmp_path):
     a._apply_batch([snapshot(3, 3)])
     with open(tmp_path / "passwd", "a") as f:
         f.write("u001:x:5000:5000::/home/u001:/bin/sh\n")
-    a._publish(a.view, a.cache_confirmed_at)
+    confirmed = a.cache_confirmed_at
+    assert a._republish_current()
     assert NssClient(a.cfg.cache_path).getpwnam("u001") is None
+    assert read_cache_header(a.cfg.cache_path).confirmed_at == confirmed  # nothing new confirmed
     assert len(a.dropped) == 1 and "u001" in a.dropped[0]
 
 

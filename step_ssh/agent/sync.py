@@ -167,7 +167,10 @@ class Agent:
         self.next_retry_at: Optional[float] = None
         self.last_publish_seconds: Optional[float] = None
         self.last_apply: Optional[dict] = None  # decode + apply + publish + persist of the last batch
-        self._publish_lock = threading.Lock()
+        # serializes everything that reads or replaces the view and the cache
+        # (the stream's worker thread vs housekeeping's republish)
+        self._publish_lock = threading.RLock()
+        self._held_revision: Optional[int] = None
         self._stop: Optional[asyncio.Event] = None
         self._rotate: Optional[asyncio.Event] = None
         self._local_sig = _stat_sig(cfg.passwd_file, cfg.group_file)
@@ -259,6 +262,16 @@ class Agent:
             except (ViewRejected, OSError) as e:
                 log.error("cannot republish the persisted view: %s", e)
 
+    def _republish_current(self) -> bool:
+        """Publish the view held now again (local accounts changed); the
+        server confirmed nothing new, so confirmed_at stays."""
+        with self._publish_lock:
+            if self.view is None:
+                return False
+            self._publish(self.view, self.cache_confirmed_at)
+            self._persist(view_changed=False)
+            return True
+
     def _reload_view(self) -> Optional[RawView]:
         try:
             return RawView(self.cfg.view_file.read_bytes())
@@ -349,7 +362,8 @@ class Agent:
         if sum(len(b) for b in batch) > 1 << 20:
             _malloc_trim()  # what receiving a big message left behind, before the build
         try:
-            self._apply(batch)
+            with self._publish_lock:
+                self._apply(batch)
         finally:
             self.last_apply = {"seconds": round(time.perf_counter() - t0, 4),
                                "cpu_seconds": round(time.thread_time() - c0, 4),
@@ -397,6 +411,8 @@ class Agent:
         self.last_sync_at = time.time()
         if changed:
             users_before = self.view.n_users if self.view is not None else 0
+            if self.view is not None:
+                self._held_revision = self.view.revision
             # the old view is on disk (view.pb): let it go before the build, the
             # two together are what makes the peak on a large view
             self.view = None
@@ -633,8 +649,9 @@ class Agent:
         if not self.ready and self.cache.get("revision") is not None and self.view is not None \
                 and self.confirmed_at is not None and self.last_sync_at is not None:
             self.ready = True
-            self.notifier.ready(self._status_line())
+            self.write_status()
             log.info("ready: cache at revision %d confirmed by the control plane", self.view.revision)
+            self.notifier.ready(self._status_line())
 
     # ---- certificate renewal ---------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -707,9 +724,8 @@ class Agent:
                 log.info("%s or %s changed; republishing revision %d", cfg.passwd_file, cfg.group_file,
                          self.view.revision)
                 try:
-                    await asyncio.to_thread(self._publish, self.view, self.cache_confirmed_at)
-                    self.counters["local_republishes"] += 1
-                    await asyncio.to_thread(self._persist, False)
+                    if await asyncio.to_thread(self._republish_current):
+                        self.counters["local_republishes"] += 1
                 except (ViewRejected, OSError) as e:
                     log.error("cannot republish after a local account change: %s", e)
                 self.write_status()
@@ -717,9 +733,10 @@ class Agent:
             # a valid cache from an earlier run is serving logins
             if not self.ready and time.time() - self.started_at >= cfg.ready_timeout and self.cache:
                 self.ready = True
-                self.notifier.ready(self._status_line())
+                self.write_status()
                 log.warning("ready after %.0fs without the control plane: serving the cache at revision %s",
                             cfg.ready_timeout, self.cache.get("revision"))
+                self.notifier.ready(self._status_line())
 
     # ---- status -------------------------------------------------------------------
     def _status_line(self) -> str:
@@ -746,7 +763,7 @@ class Agent:
             "server": cfg.server,
             "connected": self.connected,
             "connected_since": self.connected_since and int(self.connected_since),
-            "revision": self.view.revision if self.view is not None else None,
+            "revision": self.view.revision if self.view is not None else self._held_revision,
             "last_sync_at": self.last_sync_at and round(self.last_sync_at, 3),
             "confirmed_at": self.confirmed_at,
             "next_retry_at": self.next_retry_at and round(self.next_retry_at, 3),
