@@ -17,7 +17,6 @@ Use it from any test module (no conftest needed):
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -44,13 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # the server must not outlive a killed pytest
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class EnrolledHost:
@@ -137,9 +129,12 @@ class RunningServer:
         logf = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "step_ssh.server.cli", "run", "--dir", str(self.dir), "--listen", self.address,
-             "--heartbeat", str(self.heartbeat)],
-            stdout=logf, stderr=logf, preexec_fn=_die_with_parent)
+            # setpriv sets the parent-death signal in the exec'd server; a
+            # preexec_fn would run Python in a fork of a gRPC-loaded pytest,
+            # which can abort the child ("epoll_wait error").
+            ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "step_ssh.server.cli", "run",
+             "--dir", str(self.dir), "--listen", self.address, "--heartbeat", str(self.heartbeat)],
+            stdout=logf, stderr=logf)
         logf.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
