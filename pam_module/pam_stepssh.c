@@ -273,12 +273,51 @@ static int decide(pam_handle_t *pamh, const char *user, int need, struct who *w,
 
 /* ---- audit ---- */
 
+#define SESSION_DATA "stepssh_session_id"
+
+static void free_data(pam_handle_t *pamh, void *data, int status) {
+    (void)pamh, (void)status;
+    free(data);
+}
+
+/* The session id: a ULID made at open_session, kept with the PAM handle for
+ * close_session and exported as STEPSSH_SESSION_ID into the session. */
+static const char *session_id(pam_handle_t *pamh, char buf[SS_ULID_LEN + 1]) {
+    const void *d = NULL;
+    if (pam_get_data(pamh, SESSION_DATA, &d) == PAM_SUCCESS && d)
+        return d;
+    /* sudo / su inside a session: the id that session exported (as trustworthy
+     * as the caller's environment; audit_session is the kernel's link) */
+    return ss_env_session_id(buf) == 0 ? buf : NULL;
+}
+
+static const char *new_session_id(pam_handle_t *pamh) {
+    char id[SS_ULID_LEN + 1], env[64];
+    ss_ulid(id);
+    char *copy = strdup(id);
+    if (!copy || pam_set_data(pamh, SESSION_DATA, copy, free_data) != PAM_SUCCESS) {
+        free(copy);
+        return NULL;
+    }
+    snprintf(env, sizeof env, "STEPSSH_SESSION_ID=%s", id);
+    pam_putenv(pamh, env);
+    return copy;
+}
+
+struct extra {
+    const char *result;    /* success (default), denied, failure */
+    const char *reason;
+    int home_created;      /* -1: not reported */
+    const char *home;      /* home_created events */
+};
+
 static void emit(pam_handle_t *pamh, const struct cfg *c, const char *type, const struct who *w,
-                 const char *reason, int home_created) {
+                 const struct extra *x) {
     if (c->noaudit)
         return;
     struct ss_json j;
-    ss_event_begin(&j, type);
+    ss_event_begin(&j, type, NULL);
+    ss_json_str(&j, "result", x->result ? x->result : "success");
     ss_json_str(&j, "service", item(pamh, PAM_SERVICE));
     ss_json_str(&j, "user", w->user);
     if (w->managed) {
@@ -292,20 +331,30 @@ static void emit(pam_handle_t *pamh, const struct cfg *c, const char *type, cons
     ss_json_str(&j, "ruser", item(pamh, PAM_RUSER));
     ss_json_str(&j, "tty", item(pamh, PAM_TTY));
     ss_json_int(&j, "pid", getpid());
-    if (reason)
-        ss_json_str(&j, "reason", reason);
-    if (home_created >= 0)
-        ss_json_bool(&j, "home_created", home_created);
+    char sidbuf[SS_ULID_LEN + 1];
+    const char *sid = session_id(pamh, sidbuf);
+    if (sid)
+        ss_json_str(&j, "session_id", sid);
+    long long as = ss_audit_session();
+    if (as >= 0)
+        ss_json_int(&j, "audit_session", as);
+    if (x->reason)
+        ss_json_str(&j, "reason", x->reason);
+    if (x->home)
+        ss_json_str(&j, "home", x->home);
+    if (x->home_created >= 0)
+        ss_json_bool(&j, "home_created", x->home_created);
     if (ss_json_end(&j) != 0) {
         /* Only attacker-sized rhost/tty values get here: keep the essentials. */
-        ss_event_begin(&j, type);
+        ss_event_begin(&j, type, NULL);
+        ss_json_str(&j, "result", x->result ? x->result : "success");
         ss_json_str(&j, "user", w->user);
         ss_json_bool(&j, "truncated", 1);
         if (ss_json_end(&j) != 0)
             return;
     }
     char why[512];
-    if (ss_spool_append(c->spool, c->spool_max, &j, why, sizeof why) != 0)
+    if (ss_audit_record(c->spool, c->spool_max, &j, why, sizeof why) != 0)
         pam_syslog(pamh, LOG_ERR, "audit event %s for %s not recorded: %s", type,
                    w->user ? w->user : "?", why);
 }
@@ -315,7 +364,8 @@ static int deny(pam_handle_t *pamh, const struct cfg *c, int flags, const struct
     const char *rhost = item(pamh, PAM_RHOST);
     pam_syslog(pamh, LOG_NOTICE, "step-ssh: denied %s for %s%s%s: %s", service ? service : "?",
                w->user, rhost ? " from " : "", rhost ? rhost : "", reason);
-    emit(pamh, c, "denied", w, reason, -1);
+    struct extra x = {"denied", reason, -1, NULL};
+    emit(pamh, c, "login_denied", w, &x);
     if (!(flags & PAM_SILENT))
         pam_error(pamh, "step-ssh: access denied: %s", reason);
     return code;
@@ -393,8 +443,12 @@ EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const ch
     char reason[256];
     /* The account phase decided access; here only "is this ours". */
     int v = lookup(pamh, user, &w, &stale, reason, sizeof reason);
-    if (v == V_UNAVAIL) /* not local, maybe ours: record it, create nothing */
-        emit(pamh, &c, "session_open", &w, reason, 0);
+    if (v == V_UNAVAIL || v == V_ALLOW)
+        new_session_id(pamh);
+    if (v == V_UNAVAIL) { /* not local, maybe ours: record it, create nothing */
+        struct extra x = {NULL, reason, 0, NULL};
+        emit(pamh, &c, "session_open", &w, &x);
+    }
     if (v != V_ALLOW)
         return PAM_IGNORE;
     if (w.access == SC_ACCESS_JUMP) {
@@ -414,7 +468,8 @@ EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const ch
             char msg[600];
             snprintf(msg, sizeof msg, "jump-only login not made with a fleet certificate: %s", why);
             pam_syslog(pamh, LOG_NOTICE, "step-ssh: refused session of %s: %s", user, msg);
-            emit(pamh, &c, "denied", &w, msg, -1);
+            struct extra x = {"denied", msg, -1, NULL};
+            emit(pamh, &c, "login_denied", &w, &x);
             return PAM_SESSION_ERR;
         }
     }
@@ -434,15 +489,20 @@ EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const ch
             pam_syslog(pamh, LOG_WARNING, "step-ssh: home of %s: %s", user, warn);
         if (r < 0) {
             pam_syslog(pamh, LOG_ERR, "step-ssh: cannot create the home of %s: %s", user, why);
-            emit(pamh, &c, "session_error", &w, why, 0);
+            struct extra x = {"failure", why, 0, NULL};
+            emit(pamh, &c, "session_open", &w, &x);
             return PAM_SESSION_ERR;
         }
         created = r == SS_HOME_CREATED;
-        if (created)
+        if (created) {
             pam_syslog(pamh, LOG_INFO, "step-ssh: created home %s for %s (mode %04o)", pw->pw_dir,
                        user, (unsigned)c.home_mode);
+            struct extra h = {NULL, NULL, -1, pw->pw_dir};
+            emit(pamh, &c, "home_created", &w, &h);
+        }
     }
-    emit(pamh, &c, "session_open", &w, NULL, created);
+    struct extra x = {NULL, NULL, created, NULL};
+    emit(pamh, &c, "session_open", &w, &x);
     return PAM_SUCCESS;
 }
 
@@ -459,7 +519,8 @@ EXPORT int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, const c
     int v = lookup(pamh, user, &w, &stale, reason, sizeof reason);
     if (v == V_NOT_MANAGED)
         return PAM_IGNORE;
-    emit(pamh, &c, "session_close", &w, v == V_UNAVAIL ? reason : NULL, -1);
+    struct extra x = {NULL, v == V_UNAVAIL ? reason : NULL, -1, NULL};
+    emit(pamh, &c, "session_close", &w, &x);
     if (v != V_ALLOW)
         return PAM_IGNORE;
     return PAM_SUCCESS;

@@ -4,7 +4,8 @@ A real control plane (embedded SQLite, mTLS on loopback) gets a small
 directory; a *test host* (private mount namespace over /etc, /usr, /var,
 /home, so the machine's own files are untouched) is activated against it and
 runs a real OpenSSH sshd; then real certificate logins: one allowed, one with
-sudo, one denied; a grant is revoked and the next login is refused; and
+sudo, one denied; a grant is revoked and the next login is refused; the
+audit trail the host shipped is listed at the control plane; and
 `step-ssh doctor` checks the host. Run as root: `python -m step_ssh.demo`.
 """
 from __future__ import annotations
@@ -189,6 +190,17 @@ class Demo:
         self.ssh("bob", "true", False)
         self.ssh("alice", "echo alice still gets in", True)
 
+    def audit(self) -> None:
+        say("The audit trail: PAM and sudo wrote to web1's spool, the agent shipped it to the control plane")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the agent ships within about a second
+            events = json.loads(self.ctl("audit", "list", "--host", "web1", "--json", quiet=True))
+            if sum(e["type"] == "session_close" for e in events) >= 3 and \
+                    any(e["type"] == "access_changed" for e in events):
+                break
+            time.sleep(0.2)
+        self.ctl("audit", "list", "--host", "web1")
+
     def doctor(self) -> None:
         say("step-ssh doctor on web1")
         self.inside(f"{PY} -m step_ssh.cli doctor", label="step-ssh doctor")
@@ -217,6 +229,7 @@ def main() -> int:
         d.sshd()
         d.logins()
         d.revoke()
+        d.audit()
         d.doctor()
     finally:
         d.close()

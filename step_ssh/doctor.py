@@ -272,25 +272,71 @@ def check_nss_lookup(ctx: Context) -> Check:
 
 
 def check_audit_spool(ctx: Context) -> Check:
-    spool = ctx.p(paths.AUDIT_SPOOL)
-    try:
-        size = spool.stat().st_size
-    except FileNotFoundError:
-        return Check("audit spool", PASS, "empty (no events waiting)")
-    with open(spool, "rb") as f:
-        events = sum(1 for _ in f)
-    desc = f"{events} event(s), {size} bytes waiting to be shipped"
-    if size >= SPOOL_LIMIT:
+    from step_ssh import audit
+    spool = audit.Spool(ctx.p(ctx.cfg.audit.spool_dir if ctx.cfg else audit.DEFAULT_SPOOL_DIR))
+    backlog = spool.backlog()
+    dropped, last_drop = spool.dropped()
+    n = spool.count_lines() if backlog.bytes else 0
+    desc = (f"{n} event(s), {backlog.bytes} bytes waiting to be shipped in {backlog.files} file(s)"
+            if backlog.bytes else "empty (no events waiting)")
+    desc += f"; {dropped} event(s) dropped so far" + (f", the last at {_utc(last_drop)}" if last_drop else "") \
+        if dropped else "; none dropped"
+    if backlog.events_bytes >= SPOOL_LIMIT:
         return Check("audit spool", FAIL, desc + " — full: new events are being dropped (see the system log). "
                                                  "The agent is not shipping: check the agent and control plane")
-    if size > SPOOL_LIMIT // 2:
+    if dropped and last_drop and time.time() - last_drop < 86400:
+        return Check("audit spool", FAIL, desc + " — events were dropped in the last 24 h because the spool was "
+                                                 "full: check that the agent ships (`step-ssh status`); "
+                                                 f"remove {spool.dir / audit.DROPPED} once understood")
+    st = (ctx.status or {}).get("audit") or {}
+    err = (st.get("last_error") or {}).get("message") if isinstance(st.get("last_error"), dict) else None
+    if err and backlog.bytes:
+        return Check("audit spool", WARN, desc + f" — the agent cannot ship: {err}")
+    if backlog.events_bytes > SPOOL_LIMIT // 2:
         return Check("audit spool", WARN, desc + " — over half full: is the agent shipping?")
+    if dropped:
+        return Check("audit spool", WARN, desc + f" (more than 24 h ago; remove {spool.dir / audit.DROPPED} "
+                                                 "once understood)")
     return Check("audit spool", PASS, desc)
+
+
+def _utc(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+def check_sudo_audit(ctx: Context) -> Check:
+    name = "sudo audit"
+    if not ctx.p("/usr/bin/sudo").exists():
+        return Check(name, PASS, "sudo is not installed: nothing to audit")
+    conf = ctx.p(hostconfig.SUDO_CONF_PATH)
+    try:
+        text = conf.read_text()
+    except FileNotFoundError:
+        text = ""
+    plugin = hostconfig.sudo_conf_plugin_path(text)
+    if plugin is None:
+        return Check(name, FAIL, f"{hostconfig.SUDO_CONF_PATH} has no `Plugin {hostconfig.SUDO_PLUGIN_SYMBOL}` "
+                                 "line: sudo commands are not audited. Run `step-ssh activate`.")
+    try:
+        st = ctx.p(plugin).stat()
+    except FileNotFoundError:
+        return Check(name, FAIL, f"{hostconfig.SUDO_CONF_PATH} loads {plugin}, which is missing: sudo refuses "
+                                 "to run at all. Run `step-ssh activate` (or `deactivate`).")
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return Check(name, FAIL, f"{plugin} must be owned by root and writable only by root, or sudo refuses "
+                                 "to load it (and to run)")
+    if ctx.root != Path("/"):
+        return Check(name, PASS, f"{plugin} configured in {hostconfig.SUDO_CONF_PATH}")
+    r = subprocess.run(["sudo", "-V"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if "step-ssh audit plugin" not in r.stdout:
+        return Check(name, FAIL, f"`sudo -V` does not list the step-ssh audit plugin: "
+                                 f"{(r.stderr or r.stdout).strip()[-300:]}")
+    return Check(name, PASS, f"sudo loads {plugin}: accepted and rejected commands go to the audit spool")
 
 
 CHECKS: list[Callable[[Context], Check]] = [
     check_config, check_agent, check_control_plane, check_identity, check_cache, check_nsswitch, check_pam,
-    check_sshd, check_sudoers, check_nss_lookup, check_audit_spool,
+    check_sshd, check_sudoers, check_nss_lookup, check_audit_spool, check_sudo_audit,
 ]
 
 

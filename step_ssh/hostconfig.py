@@ -168,6 +168,43 @@ def check_sudoers_text(text: str) -> None:
         validate_sudoers(f.name)
 
 
+# ---- sudo.conf: the audit plugin --------------------------------------------------
+
+SUDO_CONF_PATH = "/etc/sudo.conf"
+SUDO_PLUGIN_PATH = "/usr/lib/step-ssh/stepssh_sudo_audit.so"
+SUDO_PLUGIN_SYMBOL = "stepssh_audit"
+
+
+def sudo_conf_with(original: Optional[str], plugin_path: str = SUDO_PLUGIN_PATH,
+                   args: Sequence[str] = ()) -> str:
+    """`original` /etc/sudo.conf (None: absent) with step-ssh's audit plugin
+    in a marked block at the end. One `Plugin` line is enough: with no
+    policy plugin configured sudo still uses sudoers for policy, I/O logging
+    and its own audit plugin (sudo.conf(5)), and with one configured this
+    only adds an audit plugin. Idempotent."""
+    for a in [plugin_path, *args]:
+        if not a or any(c.isspace() for c in a) or "#" in a:
+            raise ValueError(f"sudo.conf word {a!r} must be non-empty without spaces or '#'")
+    if not plugin_path.startswith("/"):
+        raise ValueError(f"the plugin path must be absolute: {plugin_path!r}")
+    text = strip_pam_config(original or "")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    line = " ".join(["Plugin", SUDO_PLUGIN_SYMBOL, plugin_path, *args])
+    return (f"{text}{MARK_BEGIN}\n"
+            "# every sudo command, accepted or rejected, to the step-ssh audit spool (docs/audit.md)\n"
+            f"{line}\n{MARK_END}\n")
+
+
+def sudo_conf_plugin_path(text: str) -> Optional[str]:
+    """The path of the step-ssh audit plugin a sudo.conf loads, or None."""
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if len(words) >= 3 and words[0] == "Plugin" and words[1] == SUDO_PLUGIN_SYMBOL:
+            return words[2]
+    return None
+
+
 # ---- nsswitch ---------------------------------------------------------------------
 
 NSS_SERVICE = "stepssh"

@@ -10,6 +10,7 @@ LIB_DIR = Path(__file__).resolve().parent / "_lib"
 NSS_MODULE = LIB_DIR / "libnss_stepssh.so.2"
 PAM_MODULE = LIB_DIR / "pam_stepssh.so"
 PRINCIPALS_COMMAND = LIB_DIR / "step-ssh-principals"
+SUDO_AUDIT_PLUGIN = LIB_DIR / "stepssh_sudo_audit.so"  # built only where <sudo_plugin.h> exists
 AUDIT_SPOOL = Path("/var/lib/step-ssh/spool/events")  # compiled into the PAM module
 
 
@@ -19,6 +20,7 @@ def installed() -> dict[str, str]:
         "pam_module": str(PAM_MODULE),
         "principals_command": str(PRINCIPALS_COMMAND),
         "audit_spool": str(AUDIT_SPOOL),
+        "sudo_audit_plugin": str(SUDO_AUDIT_PLUGIN) if SUDO_AUDIT_PLUGIN.exists() else "",
         "cache": str(CACHE_PATH),
     }
 

@@ -28,6 +28,7 @@ CACHE = str(paths.CACHE_PATH)
 SPOOL = "/var/lib/step-ssh/spool"
 EVENTS = f"{SPOOL}/events"
 PRINCIPALS = "/usr/local/sbin/step-ssh-principals"
+SUDO_PLUGIN = "/usr/local/lib/step-ssh/stepssh_sudo_audit.so"
 CA_PUB = hostconfig.USER_CA_KEYS_PATH
 SYSLOG = "/run/step-ssh-test/syslog.txt"
 TEST_DIR = "/run/step-ssh-test"
@@ -204,6 +205,11 @@ class LoginHost:
         for service, session in hostconfig.PAM_SERVICES.items():
             original = h.read(f"/etc/pam.d/{service}")
             h.write(f"/etc/pam.d/{service}", hostconfig.pam_service_config(original, session=session))
+        if paths.SUDO_AUDIT_PLUGIN.exists():  # sudo commands to the audit spool, as activate sets it up
+            h.run(["install", "-D", "-m", "0644", str(paths.SUDO_AUDIT_PLUGIN), SUDO_PLUGIN], check=True)
+            conf = h.run(["cat", hostconfig.SUDO_CONF_PATH])
+            h.write(hostconfig.SUDO_CONF_PATH,
+                    hostconfig.sudo_conf_with(conf.stdout if conf.returncode == 0 else None, SUDO_PLUGIN))
         sudoers = hostconfig.sudoers_dropin()
         h.write("/run/sudoers.new", sudoers, 0o440)
         h.run(["visudo", "-c", "-q", "-f", "/run/sudoers.new"], check=True)
@@ -293,6 +299,15 @@ class LoginHost:
     def events(self) -> list[dict]:
         r = self.host.run(["cat", EVENTS])
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def syslog_events(self) -> list[dict]:
+        """The JSON lines the writers sent to the system log (tag step-ssh-audit)."""
+        out = []
+        for line in self.syslog().splitlines():
+            head, sep, body = line.partition(" step-ssh-audit[")
+            if sep:
+                out.append(json.loads(body.split("]: ", 1)[1]))
+        return out
 
     def sshd_output(self) -> str:
         try:

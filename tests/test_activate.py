@@ -69,6 +69,12 @@ def test_activate_configures_everything_and_deactivate_restores(server, host):
     assert "TrustedUserCAKeys /var/lib/step-ssh/trusted-user-ca-keys" in dropin
     assert t.run("/usr/sbin/sshd -t").rc == 0
     assert t.run("visudo -c").rc == 0
+    # sudo commands go to the audit spool through the audit plugin
+    plugin = t.file(hostconfig.SUDO_PLUGIN_PATH)
+    assert plugin.exists and plugin.user == "root" and plugin.mode == 0o644
+    assert hostconfig.sudo_conf_plugin_path(t.file(hostconfig.SUDO_CONF_PATH).content_string) == \
+        hostconfig.SUDO_PLUGIN_PATH
+    assert "step-ssh audit plugin" in t.run("sudo -V").stdout
     assert "ExecStart=" in t.file("/etc/systemd/system/step-ssh.service").content_string
     # the agent runs and the directory reached the host through it
     assert t.user("alice").uid >= 1000 and "step-sudo" in t.user("alice").groups

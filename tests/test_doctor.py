@@ -36,7 +36,8 @@ def test_every_check_passes_then_fails(activated):
     rc, checks = doctor(host)
     assert rc == 0, checks
     assert {name: st for name, (st, _) in checks.items()} == {name: "PASS" for name in checks}
-    assert len(checks) == 11
+    assert len(checks) == 12
+    assert "sudo loads /usr/lib/step-ssh/stepssh_sudo_audit.so" in checks["sudo audit"][1]
     assert "alice" in checks["managed user lookup"][1] or "bob" in checks["managed user lookup"][1]
 
     # --renew: a new certificate, and everything still passes
@@ -56,8 +57,12 @@ def test_every_check_passes_then_fails(activated):
          "mv /run/pam_stepssh.so /usr/lib/x86_64-linux-gnu/security/", "missing"),
         ("nsswitch", "cp /etc/nsswitch.conf /run/ns; sed -i 's/ stepssh//' /etc/nsswitch.conf",
          "cp /run/ns /etc/nsswitch.conf", "stepssh"),
-        ("audit spool", "mkdir -p /var/lib/step-ssh/spool; truncate -s 64M /var/lib/step-ssh/spool/events",
-         "rm /var/lib/step-ssh/spool/events", "full"),
+        # (a full `events` is shipped away by the running agent at once; the
+        # drop counter is what stays: tests/test_audit_ship.py fills a spool for real)
+        ("audit spool", "mkdir -p /var/lib/step-ssh/spool; echo \"3 $(date +%s)\" > /var/lib/step-ssh/spool/dropped",
+         "rm /var/lib/step-ssh/spool/dropped", "3 event(s) dropped"),
+        ("sudo audit", "cp /etc/sudo.conf /run/sudo.conf; sed -i '/stepssh_audit/d' /etc/sudo.conf",
+         "cp /run/sudo.conf /etc/sudo.conf", "not audited"),
         ("identity certificate", f"cp /etc/step-ssh/identity/host.key /run/k; {PY} -c \"from step_ssh import pki;"
          "open('/etc/step-ssh/identity/host.key','wb').write(pki.new_private_key())\"",
          "cp /run/k /etc/step-ssh/identity/host.key", "key does not match"),

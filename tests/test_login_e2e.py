@@ -81,9 +81,15 @@ def test_ssh_user_gets_synced_identity_and_a_fresh_home_but_no_sudo(site, keys):
     assert stat(h, "/home/bob") == "70002 70100 700 directory"
     assert stat(h, "/home/bob/.bashrc") == "70002 70100 644 regular file"
     new = site.events()[before:]
-    assert [e["type"] for e in new] == ["session_open", "session_close"]
-    assert new[0]["user"] == "bob" and new[0]["home_created"] is True
-    assert new[0]["service"] == "sshd" and new[0]["rhost"] == "127.0.0.1"
+    assert [e["type"] for e in new] == ["home_created", "session_open", "sudo", "session_close"]
+    opened, sudo = new[1], new[2]
+    assert opened["user"] == "bob" and opened["home_created"] is True
+    assert opened["service"] == "sshd" and opened["rhost"] == "127.0.0.1"
+    # the refused sudo inside the session: recorded by the sudo audit plugin, linked to the session
+    # (sudoers reports a missing password as an error, before resolving the command: as typed)
+    assert sudo["user"] == "bob" and sudo["result"] == "failure" and sudo["command"] == "true"
+    assert sudo["reason"] == "authentication failure (sudoers_policy)" and sudo["cwd"] == "/home/bob"
+    assert sudo["session_id"] == opened["session_id"] == new[3]["session_id"]
     # second login: the home is kept as it is
     h.run("touch /home/bob/keep", check=True)
     ok(site.ssh("bob", "test -f ~/keep", "bob", keys.cert("bob", ["bob"])))
@@ -151,7 +157,7 @@ def test_access_none_is_refused_by_principals_and_by_pam(site, keys):
     before = len(site.events())
     r = site.ssh("erin", "id", "erin")
     assert r.returncode == 255 and "uid=" not in r.stdout
-    denied = [e for e in site.events()[before:] if e["type"] == "denied"]
+    denied = [e for e in site.events()[before:] if e["type"] == "login_denied"]
     assert denied and denied[0]["user"] == "erin"
     assert denied[0]["reason"] == "has no access to this host"
     assert "step-ssh: denied sshd for erin from 127.0.0.1: has no access to this host" in site.syslog()
@@ -189,7 +195,8 @@ def test_local_account_with_a_directory_name_is_untouched(site, keys):
     assert lines[0] == f"uid={LOCAL_DAVE_UID}(dave) gid={LOCAL_DAVE_UID}(dave) groups={LOCAL_DAVE_UID}(dave)"
     assert lines[1] == "sudo=1"
     assert stat(h, "/home/dave") == home_before  # as useradd made it
-    assert not [e for e in site.events()[before:] if e["user"] == "dave"]
+    # no session events for a local account; its sudo is audited like every sudo on the host
+    assert [e["type"] for e in site.events()[before:] if e["user"] == "dave"] == ["sudo"]
 
 
 def test_revoked_access_refuses_the_next_login(site, keys):
@@ -318,7 +325,7 @@ def test_jump_user_cannot_bypass_the_restriction_with_keys_of_their_own(jump_sit
             # and no forwarding either: -W through the bastion fails
             r = h.run(argv + ["-W", f"127.0.0.1:{target.port}", "jack@127.0.0.1"], input="")
             assert "SSH-2.0" not in r.stdout, r
-        denied = [e for e in bastion.events()[before:] if e["type"] == "denied"]
+        denied = [e for e in bastion.events()[before:] if e["type"] == "login_denied"]
         reasons = {e["reason"] for e in denied}
         assert "jump-only login not made with a fleet certificate: authenticated by a plain " \
                "ssh-ed25519 key, not by a certificate" in reasons

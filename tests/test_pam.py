@@ -174,10 +174,12 @@ def test_denials_reach_syslog_and_the_spool(lh):
     ev = lh.events()[before:]
     assert len(ev) == 1
     e = ev[0]
-    assert e["type"] == "denied" and e["user"] == "erin" and e["uid"] == 70005
+    assert e["type"] == "login_denied" and e["result"] == "denied" and e["user"] == "erin" and e["uid"] == 70005
     assert e["access"] == "none" and e["rhost"] == "203.0.113.9" and e["tty"] == "pts/9"
     assert e["reason"] == "has no access to this host" and e["service"] == "sshd"
-    assert e["v"] == 1 and len(e["id"]) == 32 and e["time"].endswith("Z")
+    assert e["v"] == 2 and len(e["id"]) == 26 and e["time"].endswith("Z")
+    # the same line, for local tooling, in the system log
+    assert e in lh.syslog_events()
 
 
 # -- session: homes and audit ---------------------------------------------------
@@ -211,8 +213,11 @@ def test_home_is_created_with_owner_mode_and_skeleton(lh):
     assert h.run("test -e /home/vera/fifo").returncode != 0
     assert h.run("ls -A /home | grep step-ssh").stdout == ""  # no temporary left behind
     ev = lh.events()[before:]
-    assert [e["type"] for e in ev] == ["session_open", "session_close"]
-    assert ev[0]["home_created"] is True and ev[0]["service"] == "stepssh-skel"
+    assert [e["type"] for e in ev] == ["home_created", "session_open", "session_close"]
+    assert ev[0]["home"] == "/home/vera" and ev[0]["user"] == "vera"
+    assert ev[1]["home_created"] is True and ev[1]["service"] == "stepssh-skel"
+    # one session id from open to close (and on the home it made)
+    assert len({e["session_id"] for e in ev}) == 1 and len(ev[0]["session_id"]) == 26
 
 
 def test_existing_home_symlink_is_left_alone(lh):
@@ -236,7 +241,7 @@ def test_home_under_a_directory_others_can_write_is_refused(lh):
     assert "cannot create the home of tina: refusing to create /home/shared/tina: its parent " \
            "directory is not owned by root or is writable by others" in lh.syslog()
     ev = lh.events()[-1]
-    assert ev["type"] == "session_error" and ev["user"] == "tina"
+    assert ev["type"] == "session_open" and ev["result"] == "failure" and ev["user"] == "tina"
 
 
 def test_missing_parents_are_created_root_owned(lh):
@@ -267,7 +272,8 @@ def test_spool_is_private_and_append_only_json(lh):
     events = [json.loads(line) for line in raw.splitlines()]
     assert len({e["id"] for e in events}) == len(events)
     for e in events:
-        assert {"v", "id", "time", "type", "service", "user", "uid", "rhost", "ruser", "tty", "pid"} <= e.keys()
+        assert {"v", "id", "time", "host", "type", "result", "service", "user", "uid", "rhost", "ruser", "tty",
+                "pid"} <= e.keys()
 
 
 def test_full_spool_drops_the_event_but_not_the_login(lh):
@@ -282,10 +288,10 @@ def test_full_spool_drops_the_event_but_not_the_login(lh):
 def test_hostile_items_are_escaped_in_the_spool(lh):
     before = len(lh.events())
     pamtester(lh, "stepssh-probe", "erin", "acct_mgmt",
-              items={"rhost": 'evil"host\\\x01\u00e9', "tty": "x" * 5000})
+              items={"rhost": 'evil"host\\\x01\u00e9', "tty": "x" * 9000})
     e = lh.events()[before]
     # oversized items: the event is kept, with the essentials only
-    assert e["type"] == "denied" and e["user"] == "erin" and e["truncated"] is True
+    assert e["type"] == "login_denied" and e["user"] == "erin" and e["truncated"] is True
     pamtester(lh, "stepssh-probe", "erin", "acct_mgmt", items={"rhost": 'evil"host\\\x01\u00e9'})
     e = lh.events()[-1]
     assert e["rhost"] == 'evil"host\\\x01\u00c3\u00a9'  # bytes kept, as \u00XX escapes

@@ -6,8 +6,11 @@ run changed, including a fresh enrollment):
 1. files: NSS and PAM modules, principals helper, nsswitch.conf, sshd
    drop-in, sudoers drop-in (checked with `visudo -c` before it goes live),
    agent config, systemd unit; plus the PAM wiring: a pam-auth-update profile
-   on Debian, marked edits of /etc/pam.d/{sshd,sudo} elsewhere;
-2. checks: `sshd -t` on the resulting configuration;
+   on Debian, marked edits of /etc/pam.d/{sshd,sudo} elsewhere; and, where
+   sudo is installed, the sudo audit plugin with a marked `Plugin` line in
+   /etc/sudo.conf (docs/audit.md);
+2. checks: `sshd -t` and `sudo -V` (sudo loads every plugin) on the resulting
+   configuration;
 3. enrollment (skipped when a valid identity for this CA exists, so a second
    run needs no new token) and registration of hostname/tags/bastion flags;
 4. the agent: `systemctl enable --now` under systemd, otherwise started in
@@ -130,6 +133,7 @@ def file_changes(opts: Options, host: Host) -> list[FileChange]:
         FileChange(UNIT_PATH, UNIT_TEMPLATE.read_text().replace("@STEP_SSH@", _step_ssh_command()).encode(),
                    0o644, why="systemd unit"),
     ]
+    changes += sudo_audit_changes(host)
     if use_pam_auth_update(host):
         changes.append(FileChange(hostconfig.PAM_PROFILE_PATH, hostconfig.pam_auth_update_profile().encode(),
                                   0o644, why="pam-auth-update profile"))
@@ -143,6 +147,54 @@ def file_changes(opts: Options, host: Host) -> list[FileChange]:
             changes.append(FileChange(path, text.encode(), host.current(path)[1] or 0o644,
                                       why=f"PAM for {service} (marked block)"))
     return changes
+
+
+def sudo_installed(host: Host) -> bool:
+    return host.p("/usr/bin/sudo").exists()
+
+
+def sudo_audit_changes(host: Host) -> list[FileChange]:
+    """The sudo audit plugin and its sudo.conf line; the plugin first, so
+    sudo.conf never names a file that is not there yet."""
+    if not sudo_installed(host) or not paths.SUDO_AUDIT_PLUGIN.exists():
+        return []
+    current = host.current(hostconfig.SUDO_CONF_PATH)
+    text = hostconfig.sudo_conf_with(current[0].decode() if current[0] is not None else None)
+    return [
+        FileChange(hostconfig.SUDO_PLUGIN_PATH, paths.SUDO_AUDIT_PLUGIN.read_bytes(), 0o644,
+                   why="sudo audit plugin (sudo commands to the audit spool)"),
+        FileChange(hostconfig.SUDO_CONF_PATH, text.encode(), current[1] or 0o644,
+                   validate=lambda _staged: check_sudo_plugin(host),
+                   why="sudo.conf: load the audit plugin (marked block)"),
+    ]
+
+
+def check_sudo_plugin(host: Host) -> None:
+    """Before sudo.conf names the plugin: it is there, root's, loadable and
+    exports the audit plugin structure (else sudo would refuse to run)."""
+    import ctypes
+    p = host.p(hostconfig.SUDO_PLUGIN_PATH)
+    st = p.stat()
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise ChangeFailed(f"{p} must be owned by root and writable only by root (sudo refuses it otherwise)")
+    try:
+        lib = ctypes.CDLL(str(p))
+        getattr(lib, hostconfig.SUDO_PLUGIN_SYMBOL)
+    except (OSError, AttributeError) as e:
+        raise ChangeFailed(f"{p} is not a usable sudo audit plugin: {e}") from None
+
+
+def check_sudo(host: Host) -> Optional[str]:
+    """`sudo -V` as root loads every plugin sudo.conf names; None when sudo
+    is absent or cannot be run for this root."""
+    if not sudo_installed(host) or not host.p(hostconfig.SUDO_PLUGIN_PATH).exists():
+        return None
+    if host.root != Path("/") and not _can_chroot(host):
+        return "cannot chroot: skipped `sudo -V`"
+    r = _run(_chroot(host, ["sudo", "-V"]), "sudo -V (sudo loading its plugins)")
+    if "step-ssh audit plugin" not in r.stdout:
+        raise ChangeFailed(f"sudo does not load the step-ssh audit plugin: {r.stdout.strip()[-300:]}")
+    return None
 
 
 def touched_paths(changes: list[FileChange]) -> list[str]:
@@ -305,9 +357,10 @@ def activate(opts: Options) -> Result:
             pam_auth_update(host, enable=True)
             res.actions.append("pam-auth-update --enable step-ssh")
         if res.files:
-            note = check_sshd(host)
-            if note:
-                res.warnings.append(note)
+            for check in (check_sshd, check_sudo):
+                note = check(host)
+                if note:
+                    res.warnings.append(note)
         if not enrolled:
             from step_ssh.agent.identity import IdentityError, enroll
             try:

@@ -72,6 +72,31 @@ class FilesIdentity(_Strict):
 Identity = Annotated[Union[BuiltinIdentity, FilesIdentity], Field(discriminator="type")]
 
 
+class AuditConfig(_Strict):
+    """Shipping the local audit spool to the control plane (docs/audit.md)."""
+
+    enabled: bool = True
+    # must be the directory pam_stepssh.so (spool=) and the sudo plugin write
+    # to; default: STATE_DIR/spool, i.e. /var/lib/step-ssh/spool
+    spool_dir: Optional[Path] = None
+    # bound for the events the agent itself appends (access_changed,
+    # audit_dropped); the PAM module and sudo plugin have their own (spool_max=)
+    spool_max: int = Field(default=64 << 20, ge=4096)
+    # how often to look for new events when idle
+    poll_interval: float = Field(default=1.0, gt=0)
+    # events (and bytes) per ReportAudit call
+    batch_size: int = Field(default=500, ge=1, le=10000)
+    batch_bytes: int = Field(default=1 << 20, ge=4096, le=3 << 20)
+    # renamed spool files waiting at most; bounds the spool on disk to about
+    # (max_shipping_files + 1) x spool_max while the control plane is away
+    max_shipping_files: int = Field(default=4, ge=1, le=1000)
+    # wait this long for writers still appending to a renamed file
+    lock_timeout: float = Field(default=2.0, gt=0)
+    rpc_timeout: float = Field(default=30.0, gt=0)
+    # record access_changed events when a published cache changes a user's access
+    access_events: bool = True
+
+
 class AgentConfig(_Strict):
     # where the control plane listens, HOST:PORT
     server: str
@@ -112,6 +137,7 @@ class AgentConfig(_Strict):
     # considered dead and re-established (server heartbeats keep it alive)
     stream_idle_timeout: float = Field(default=300.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("server")
@@ -128,6 +154,8 @@ class AgentConfig(_Strict):
             self.cache_path = self.state_dir / "cache"
         if self.trusted_user_ca_keys is None:
             self.trusted_user_ca_keys = self.state_dir / "trusted-user-ca-keys"
+        if self.audit.spool_dir is None:
+            self.audit.spool_dir = self.state_dir / "spool"
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max must not be smaller than backoff_initial")
         return self

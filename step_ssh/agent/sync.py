@@ -14,6 +14,10 @@ One asyncio loop runs:
 - the **renew loop** (built-in identity): ``Renew`` at 2/3 of the
   certificate's lifetime over a separate call, then switch the stream to the
   new certificate (one reconnect, no backoff);
+- the **audit loop** (step_ssh.agent.audit): ship the local audit spool with
+  ReportAudit, removing only what the control plane acknowledged; each
+  publication that changes a user's access on this host is recorded as an
+  ``access_changed`` event;
 - **housekeeping**: reload a files identity that changed on disk, republish
   when /etc/passwd or /etc/group change (local accounts always win), tell
   systemd READY=1 after ``ready_timeout`` if a valid cache from an earlier run
@@ -38,6 +42,7 @@ import grpc
 
 from step_ssh import __version__, rpc
 from step_ssh.agent import tlsdiag
+from step_ssh.agent.audit import AuditShipper, access_changes, open_cache, record_access_changes
 from step_ssh.agent.config import AgentConfig
 from step_ssh.agent.identity import Identity, IdentityError, Material
 from step_ssh.agent.notify import Notifier
@@ -53,6 +58,7 @@ log = logging.getLogger("step_ssh.agent")
 
 WATCH_METHOD = "/stepssh.v1.HostService/Watch"
 _EOF = object()
+_EVERYONE = object()  # _publish: compare every user's access with the previous cache
 
 
 class Refused(Exception):
@@ -177,6 +183,7 @@ class Agent:
         self._cache_users_baseline = 0
         self._session_events = 0
         self.exit_code = 0
+        self.audit: Optional[AuditShipper] = AuditShipper(cfg, self.identity) if cfg.audit.enabled else None
 
     # ---- lifecycle ------------------------------------------------------------------
     async def run(self) -> int:
@@ -193,6 +200,8 @@ class Agent:
                  asyncio.create_task(self._housekeeping(), name="housekeeping")]
         if self.identity.kind == "builtin":
             tasks.append(asyncio.create_task(self._renew_loop(), name="renew"))
+        if self.audit is not None:
+            tasks.append(asyncio.create_task(self.audit.run(on_change=self.write_status), name="audit"))
         for t in tasks:
             t.add_done_callback(self._task_done)
         await self._stop.wait()
@@ -290,14 +299,28 @@ class Agent:
         atomic_write(cfg.state_file, json.dumps(state) + "\n", mode=0o644)
 
     # ---- publishing -------------------------------------------------------------------
-    def _publish(self, view: RawView, confirmed_at: Optional[int]) -> Published:
-        """Build and publish the cache (worker thread). Raises ViewRejected."""
+    def _publish(self, view: RawView, confirmed_at: Optional[int], changed=_EVERYONE) -> Published:
+        """Build and publish the cache (worker thread). Raises ViewRejected.
+
+        `changed`: the user names whose access may differ from the cache in
+        place (_EVERYONE: any; None: none, e.g. a confirmation), for the
+        access_changed audit events."""
         cfg = self.cfg
         with self._publish_lock:
-            self._local_sig = _stat_sig(cfg.passwd_file, cfg.group_file)
-            local = LocalAccounts.load(cfg.passwd_file, cfg.group_file)
-            res = publish_view(view, cfg.cache_path, local, cfg.min_id, confirmed_at=confirmed_at)
-            self._write_ca_keys(res.ca_keys)
+            old = None
+            if self.audit is not None and cfg.audit.access_events and changed is not None:
+                old = open_cache(cfg.cache_path)  # the mapping outlives the replacement
+            try:
+                self._local_sig = _stat_sig(cfg.passwd_file, cfg.group_file)
+                local = LocalAccounts.load(cfg.passwd_file, cfg.group_file)
+                res = publish_view(view, cfg.cache_path, local, cfg.min_id, confirmed_at=confirmed_at)
+                self._write_ca_keys(res.ca_keys)
+                if old is not None:
+                    self._record_access_changes(old, None if changed is _EVERYONE else changed,
+                                                res.header.revision)
+            finally:
+                if old is not None:
+                    old.close()
         self.counters["publishes"] += 1
         self.last_publish_seconds = round(res.seconds, 4)
         h = res.header
@@ -315,6 +338,20 @@ class Agent:
                         "y" if len(res.problems) == 1 else "ies", h.revision)
         self.dropped = res.problems
         return res
+
+    def _record_access_changes(self, old, changed, revision: int) -> None:
+        new = open_cache(self.cfg.cache_path)
+        if new is None:
+            return
+        try:
+            changes = access_changes(old, new, changed)
+            if changes:
+                n = record_access_changes(self.cfg, changes, revision)
+                self.audit.counters["access_events"] += n
+        except Exception as e:  # noqa: BLE001 - auditing must never stop a publication
+            log.error("cannot record access changes of revision %d: %r", revision, e)
+        finally:
+            new.close()
 
     def _write_ca_keys(self, keys: list[str]) -> None:
         path = self.cfg.trusted_user_ca_keys
@@ -374,6 +411,7 @@ class Agent:
         changed = confirmed = False
         stop: Optional[BaseException] = None
         kinds = []
+        touched: object = set()  # user names the batch may have changed (_EVERYONE after a snapshot)
         for raw in batch:
             kind, payload = decode_event(raw)
             kinds.append(kind)
@@ -385,6 +423,7 @@ class Agent:
                     stop = self._refusal(view, new, why, "snapshot")
                     break
                 view, changed = new, True
+                touched = _EVERYONE
             elif kind == "delta":
                 self.counters["deltas"] += 1
                 d: pb.Delta = payload
@@ -398,6 +437,9 @@ class Agent:
                     stop = self._refusal(view, new, why, "delta")
                     break
                 view, changed = new, True
+                if touched is not _EVERYONE:
+                    touched.update(u.name for u in d.upsert_users)
+                    touched.update(d.remove_users)
             elif kind == "heartbeat":
                 self.counters["heartbeats"] += 1
                 hb: pb.Heartbeat = payload
@@ -417,7 +459,7 @@ class Agent:
             # two together are what makes the peak on a large view
             self.view = None
             try:
-                self._publish(view, now)
+                self._publish(view, now, touched)
             except BaseException as e:
                 self.view = self._reload_view()
                 if isinstance(e, ViewRejected):
@@ -440,7 +482,7 @@ class Agent:
             if self.cache_confirmed_at is None or now - self.cache_confirmed_at >= self.confirm_interval() \
                     or self.cache.get("revision") != self.view.revision:
                 try:
-                    self._publish(self.view, now)
+                    self._publish(self.view, now, None)
                     self.counters["confirm_republishes"] += 1
                 except ViewRejected as e:
                     log.error("cannot republish revision %d: %s", self.view.revision, e)
@@ -777,6 +819,7 @@ class Agent:
             "refused": self.refused,
             "dropped": {"count": len(self.dropped), "entries": self.dropped[:MAX_LISTED_PROBLEMS]},
             "certificate": mat.describe(frac) if mat is not None else None,
+            "audit": self.audit.status() if self.audit is not None else {"enabled": False},
             "config": {"state_dir": str(cfg.state_dir), "cache_path": str(cfg.cache_path),
                        "status_file": str(cfg.status_file)},
         }

@@ -272,6 +272,22 @@ def status(config_path: Path, status_file: Optional[Path], as_json: bool, show_c
             out(cert.get("pem", "").rstrip())
     else:
         out("certificate:  none loaded")
+    au = st.get("audit") or {}
+    if au.get("enabled"):
+        ac = au.get("counters") or {}
+        out(f"audit:        {au.get('backlog_bytes', 0)} bytes waiting in {au.get('spool_dir')} "
+            f"({au.get('backlog_files', 0)} file(s)); {ac.get('shipped', 0)} events shipped, last "
+            f"{_ago(au.get('last_shipped_at'), now)}")
+        if au.get("dropped"):
+            out(f"  DROPPED:    {au['dropped']} event(s) not recorded (spool full), the last "
+                f"{_ago(au.get('last_drop_at'), now)}")
+        if ac.get("skipped"):
+            out(f"  skipped:    {ac['skipped']} torn or corrupt record(s) (see the agent's log)")
+        if au.get("last_error"):
+            out(f"  not shipping: {au['last_error']['message']}"
+                + (f"; next attempt {_ago(au['next_retry_at'], now)}" if au.get("next_retry_at") else ""))
+    elif au:
+        out("audit:        shipping disabled (audit.enabled: false)")
     c = st.get("counters") or {}
     out(f"counters:     " + ", ".join(f"{k} {v}" for k, v in c.items() if v))
     sys.exit(code)

@@ -244,7 +244,7 @@ def tag_args(values: Iterable[str]) -> dict[str, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 @click.pass_context
 def main(ctx: click.Context, profile, server, timeout, as_json) -> None:
-    """Manage step-ssh: users, groups, grants, hosts, SSH user CAs, audit."""
+    """Manage step-ssh: users, groups, grants, hosts, SSH user CAs, audit, SCIM tokens."""
     ctx.ensure_object(dict)
     ctx.obj.update(profile=profile, server=server, timeout=timeout, json=as_json, _conn=None)
 
@@ -653,25 +653,152 @@ def audit() -> None:
     """Audit events shipped by hosts."""
 
 
+def _event_row(e) -> list:
+    t = dt.datetime.fromtimestamp(e.time_us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    if e.type == "sudo":
+        what = (f"as {e.target_user} " if e.target_user else "") + f"in {e.cwd or '?'}: {e.command}" \
+            + (f" ({e.reason})" if e.reason else "")
+    elif e.type == "home_created":
+        try:
+            what = json.loads(e.extra_json or "{}").get("home", "")
+        except ValueError:
+            what = ""
+    elif e.type == "access_changed":
+        what = e.reason or f"{e.old_access} -> {e.access}"
+    elif e.reason:
+        what = e.reason
+    else:
+        what = " ".join(x for x in (f"from {e.remote_host}" if e.remote_host else "",
+                                    f"tty {e.tty}" if e.tty else "") if x)
+    return [t, e.hostname or e.host_id, e.type, e.user, e.result, what]
+
+
+_EVENT_HEADERS = ["TIME (UTC)", "HOST", "TYPE", "USER", "RESULT", "DETAIL"]
+
+
+def _event_json(e) -> dict:
+    from step_ssh.audit import event_dict
+    return event_dict(e)
+
+
+def _audit_filters(f):
+    for opt in reversed([
+        click.option("--host", "host_", default="", help="Hostname or host id."),
+        click.option("--user", "user_", default=""),
+        click.option("--type", "type_", default="",
+                     help="session_open, session_close, sudo, login_denied, home_created, access_changed, "
+                          "audit_dropped"),
+        click.option("--since", default=None, help="Duration (2h, 7d) or ISO time; by event time."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @audit.command("list")
-@click.option("--host", "host_", default="")
-@click.option("--user", "user_", default="")
-@click.option("--type", "type_", default="")
-@click.option("--since", default=None, help="Duration (2h, 7d) or ISO time.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+@_audit_filters
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000),
+              help="The most recent N matching events (oldest first).")
 @json_option
 @click.pass_context
 def audit_list(ctx, host_, user_, type_, since, limit) -> None:
+    """Stored events, oldest first (docs/audit.md)."""
     r = call(ctx, "ListAudit", pb.AuditQuery(host=host_, user=user_, type=type_, since_us=_since(since), limit=limit))
+    emit(ctx, [_event_json(e) for e in r.events],
+         lambda: table([_event_row(e) for e in r.events], _EVENT_HEADERS))
 
-    def text():
-        rows = []
-        for e in r.events:
-            t = dt.datetime.fromtimestamp(e.time_us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            what = e.command or e.reason or e.remote_host
-            rows.append([t, e.hostname or e.host_id, e.type, e.user, e.result, what])
-        return table(rows, ["TIME (UTC)", "HOST", "TYPE", "USER", "RESULT", "DETAIL"])
-    emit(ctx, [to_dict(e) for e in r.events], text)
+
+@audit.command("tail")
+@_audit_filters
+@click.option("-n", "--lines", default=10, show_default=True, type=click.IntRange(0, 10000),
+              help="Recent events to show first (0: only new ones).")
+@click.option("--count", default=0, type=click.IntRange(0), help="Exit after this many events (0: follow forever).")
+@json_option
+@click.pass_context
+def audit_tail(ctx, host_, user_, type_, since, lines, count) -> None:
+    """Follow events as hosts ship them (Ctrl-C to stop). --json: one JSON object per line."""
+    c = conn(ctx)
+    as_json = ctx.obj["json"]
+    req = pb.AuditQuery(host=host_, user=user_, type=type_, since_us=_since(since), limit=max(lines, 1),
+                        no_backlog=lines == 0)
+    ch = c.channel()
+    seen = 0
+    widths = [19, 12, 14, 12, 7]
+    try:
+        stream = pbg.AdminServiceStub(ch).TailAudit(req)
+        if not as_json:
+            click.echo("  ".join(h.ljust(w) for h, w in zip(_EVENT_HEADERS, widths + [0])).rstrip())
+        for e in stream:
+            if as_json:
+                click.echo(json.dumps(_event_json(e), sort_keys=True))
+            else:
+                row = _event_row(e)
+                click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths + [0])).rstrip())
+            seen += 1
+            if count and seen >= count:
+                stream.cancel()
+                break
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED and count and seen >= count:
+            return
+        p = rpc.explain(e, c.address)
+        raise CtlError(p.message, p.exit_code) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ch.close()
+
+
+# ---- SCIM --------------------------------------------------------------------------
+
+@main.group()
+def scim() -> None:
+    """The SCIM 2.0 endpoint the identity provider pushes users and groups to (docs/scim.md)."""
+
+
+@scim.group("token")
+def scim_token() -> None:
+    """Bearer tokens for the SCIM endpoint (stored hashed; shown once)."""
+
+
+def _token_row(t) -> dict:
+    d = to_dict(t)
+    d.pop("token", None)
+    return d
+
+
+@scim_token.command("create")
+@click.option("--name", default="scim", show_default=True, help="What the token is for (e.g. okta, entra).")
+@json_option
+@click.pass_context
+def scim_token_create(ctx, name) -> None:
+    """Create a token and print it (the only time it is shown)."""
+    t = call(ctx, "CreateScimToken", pb.ScimTokenRequest(name=name))
+    emit(ctx, {**_token_row(t), "token": t.token}, lambda: t.token)
+    if not ctx.find_root().obj["json"]:
+        click.echo(f"SCIM token {t.id} ({t.name}): give it to the IdP as its bearer token (Okta: API token, "
+                   "Entra: secret token); it is not shown again", err=True)
+
+
+@scim_token.command("list")
+@json_option
+@click.pass_context
+def scim_token_list(ctx) -> None:
+    """Tokens with their ids, names, creation, last use and state (never the tokens themselves)."""
+    r = call(ctx, "ListScimTokens", pb.Empty())
+    emit(ctx, [_token_row(t) for t in r.tokens], lambda: table(
+        [[t.id, t.name, when(t.created_at), when(t.last_used_at),
+          f"revoked {when(t.revoked_at)}" if t.revoked_at else "valid"] for t in r.tokens],
+        ["ID", "NAME", "CREATED", "LAST USED", "STATE"]))
+
+
+@scim_token.command("revoke")
+@click.argument("token_id", metavar="ID")
+@json_option
+@click.pass_context
+def scim_token_revoke(ctx, token_id) -> None:
+    """Revoke a token: requests with it get 401 from now on."""
+    t = call(ctx, "RevokeScimToken", pb.IdRef(id=token_id))
+    emit(ctx, _token_row(t), lambda: f"revoked SCIM token {t.id} ({t.name})")
 
 
 # ---- SSH user CAs and signing -----------------------------------------------------

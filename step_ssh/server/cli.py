@@ -83,8 +83,10 @@ def main() -> None:
               help="The existing CA's private key (PEM, unencrypted).")
 @click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="Address `run` listens on.")
 @click.option("--admin", "admin_name", default="admin", show_default=True, help="Name in the admin certificate.")
+@click.option("--scim-listen", default=None, metavar="HOST:PORT",
+              help="Address `run` serves SCIM 2.0 on (written to server.yaml; default: no SCIM endpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def init(dir_: Path, san, ca_cert, ca_key, listen, admin_name, as_json) -> None:
+def init(dir_: Path, san, ca_cert, ca_key, listen, admin_name, scim_listen, as_json) -> None:
     """Create a server directory and print the CA fingerprint hosts pin."""
     sd = ServerDir(dir_)
     if sd.db.exists() or sd.ca_key.exists():
@@ -93,6 +95,8 @@ def init(dir_: Path, san, ca_cert, ca_key, listen, admin_name, as_json) -> None:
     if bool(ca_cert) != bool(ca_key):
         _fail("give both --ca-cert and --ca-key, or neither (to create a new CA)")
     split_hostport(listen)
+    if scim_listen:
+        split_hostport(scim_listen)
     try:
         for s in san:
             if not s or any(c.isspace() for c in s):
@@ -126,7 +130,8 @@ def init(dir_: Path, san, ca_cert, ca_key, listen, admin_name, as_json) -> None:
     atomic_write(sd.server_key, skey, mode=0o600)
     atomic_write(sd.server_cert, scert + ca, mode=0o644)
     ssh_pub = sshca.generate_ca(sd.ssh_ca_key, comment="step-ssh control plane user CA")
-    atomic_write(sd.config, yaml.safe_dump({"listen": listen}, sort_keys=False)
+    atomic_write(sd.config, yaml.safe_dump({"listen": listen, **({"scim_listen": scim_listen} if scim_listen else {})},
+                                           sort_keys=False)
                  + "# Other settings and their defaults: see docs/control-plane.md\n", mode=0o644)
     from step_ssh.server.config import ServerConfig
     from step_ssh.server.store import Store
@@ -155,9 +160,13 @@ def init(dir_: Path, san, ca_cert, ca_key, listen, admin_name, as_json) -> None:
 @click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--listen", default=None, help=f"HOST:PORT (default: server.yaml, else {DEFAULT_LISTEN}); port 0 picks one.")
 @click.option("--heartbeat", type=float, default=None, help="Seconds between heartbeats on Watch streams (default 15).")
+@click.option("--scim-listen", default=None, metavar="HOST:PORT",
+              help="Also serve SCIM 2.0 over HTTPS here (default: scim_listen in server.yaml, else off; "
+                   "port 0 picks one). See docs/scim.md.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-def run(dir_: Path, listen, heartbeat, log_level) -> None:
-    """Serve gRPC over mutual TLS until SIGTERM/SIGINT (JSON logs on stderr)."""
+def run(dir_: Path, listen, heartbeat, scim_listen, log_level) -> None:
+    """Serve gRPC over mutual TLS (and SCIM over HTTPS if configured) until
+    SIGTERM/SIGINT (JSON logs on stderr)."""
     log.setup(log_level)
     sd = ServerDir(dir_)
     try:
@@ -171,15 +180,18 @@ def run(dir_: Path, listen, heartbeat, log_level) -> None:
         cfg.heartbeat_seconds = heartbeat
     listen = listen or cfg.listen
     split_hostport(listen)
+    scim_listen = scim_listen or cfg.scim_listen
+    if scim_listen:
+        split_hostport(scim_listen)
     finish = log.capture_native_stderr()
     try:
-        rc = asyncio.run(_serve(sd, cfg, listen))
+        rc = asyncio.run(_serve(sd, cfg, listen, scim_listen))
     finally:
         finish()
     sys.exit(rc)
 
 
-async def _serve(sd: ServerDir, cfg, listen: str) -> int:
+async def _serve(sd: ServerDir, cfg, listen: str, scim_listen: str | None = None) -> int:
     from step_ssh.server.service import App
     lg = log.get("step_ssh.server")
     try:
@@ -193,13 +205,24 @@ async def _serve(sd: ServerDir, cfg, listen: str) -> int:
         lg.error("cannot start", extra={"listen": listen, "error": str(e)})
         app.db.close()
         return 1
+    scim = {}
+    if scim_listen:
+        try:
+            scim_port = await app.start_scim(scim_listen)
+        except (OSError, RuntimeError) as e:
+            lg.error("cannot start the SCIM endpoint", extra={"scim_listen": scim_listen, "error": str(e)})
+            await app.stop(grace=1.0)
+            return 1
+        shost, _ = split_hostport(scim_listen)
+        scim = {"scim": f"https://{shost if ':' not in shost else f'[{shost}]'}:{scim_port}/scim/v2",
+                "scim_port": scim_port}
     host, _ = split_hostport(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     lg.info("listening", extra={"address": f"{host}:{port}", "port": port, "revision": app.hub.revision,
-                                "ca_fingerprint": pki.fingerprint(app.ca_pem), "pid": os.getpid()})
+                                "ca_fingerprint": pki.fingerprint(app.ca_pem), "pid": os.getpid(), **scim})
     await stop.wait()
     lg.info("shutting down", extra={"watchers": len(app.hub.watchers)})
     await app.stop(grace=5.0)

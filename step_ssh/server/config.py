@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,6 +35,13 @@ class ServerConfig(BaseModel):
     # (only an admin may, with `host tag`): a compromised host then cannot
     # claim tags that would reveal other hosts' users.
     host_may_set_tags: bool = True
+    # SCIM 2.0 endpoint for the identity provider (docs/scim.md): HOST:PORT to
+    # serve HTTPS on, or null (the default) for none. `run --scim-listen`
+    # overrides it. Certificate and key default to the server's own
+    # (server.crt / server.key); an IdP in the cloud needs one it trusts.
+    scim_listen: Optional[str] = None
+    scim_tls_cert: str = ""
+    scim_tls_key: str = ""
 
     @model_validator(mode="after")
     def _ranges(self) -> "ServerConfig":
@@ -43,6 +51,12 @@ class ServerConfig(BaseModel):
             raise ValueError("alloc_min must not exceed alloc_max")
         if self.ssh_cert_default_ttl > self.ssh_cert_max_ttl:
             raise ValueError("ssh_cert_default_ttl must not exceed ssh_cert_max_ttl")
+        if self.scim_listen is not None:
+            host, sep, port = self.scim_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"scim_listen {self.scim_listen!r} is not HOST:PORT (e.g. 0.0.0.0:8444)")
+        if bool(self.scim_tls_cert) != bool(self.scim_tls_key):
+            raise ValueError("give both scim_tls_cert and scim_tls_key, or neither (to use server.crt/server.key)")
         return self
 
 

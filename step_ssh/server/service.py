@@ -447,6 +447,11 @@ def group_pb(g: dict) -> pb.DirectoryGroup:
     return pb.DirectoryGroup(name=g["name"], gid=g["gid"], members=g["members"])
 
 
+def scim_token_pb(t: dict) -> pb.ScimToken:
+    return pb.ScimToken(id=t["id"], name=t["name"], token=t.get("token", ""), created_at=t["created_at"],
+                        last_used_at=t["last_used_at"], revoked_at=t["revoked_at"])
+
+
 def grant_pb(g: dict) -> pb.Grant:
     return pb.Grant(id=g["id"], group=g["group"], tags=g["tags"], access=ACCESS_PB[g["access"]])
 
@@ -603,26 +608,51 @@ class AdminService(pbg.AdminServiceServicer):
         rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us, limit)
         return pb.AuditList(events=[pb.AuditEvent.FromString(b) for _, b in rows])
 
+    @rpc("admin")
+    async def CreateScimToken(self, req, ctx, caller):
+        t = await self._run(self.app.scim_directory.create_token, req.name)
+        LOG.info("scim token created", extra={"token_id": t["id"], "token_name": t["name"], "by": str(caller)})
+        return scim_token_pb(t)
+
+    @rpc("admin")
+    async def ListScimTokens(self, req, ctx, caller):
+        return pb.ScimTokenList(tokens=[scim_token_pb(t) for t in
+                                        await self._run(self.app.scim_directory.list_tokens)])
+
+    @rpc("admin")
+    async def RevokeScimToken(self, req, ctx, caller):
+        t = await self._run(self.app.scim_directory.revoke_token, req.id)
+        LOG.info("scim token revoked", extra={"token_id": t["id"], "token_name": t["name"], "by": str(caller)})
+        return scim_token_pb(t)
+
     async def TailAudit(self, req, ctx):
         await self.auth.admin(ctx)
         ev = asyncio.Event()
         self.hub.tails.add(ev)
         try:
-            rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us, req.limit or 100)
-            last = rows[-1][0] if rows else await self._run(self.s.max_audit_seq)
-            for _, b in rows:
-                yield pb.AuditEvent.FromString(b)
+            # Follow by arrival (seq), not by event time: events a host ships
+            # after an outage are older than ones already shown.
+            last = await self._run(self.s.max_audit_seq)
+            if not req.no_backlog:
+                rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us,
+                                       min(req.limit or 100, 10000))
+                for seq, b in rows:
+                    if seq <= last:
+                        yield pb.AuditEvent.FromString(b)
             while not self.hub.stopping:
                 try:
                     await asyncio.wait_for(ev.wait(), timeout=30)
                 except asyncio.TimeoutError:
                     continue
                 ev.clear()
-                rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us, 1000,
-                                       after_seq=last)
-                for seq, b in rows:
-                    last = seq
-                    yield pb.AuditEvent.FromString(b)
+                while True:
+                    rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us, 1000,
+                                           after_seq=last)
+                    for seq, b in rows:
+                        last = seq
+                        yield pb.AuditEvent.FromString(b)
+                    if len(rows) < 1000:
+                        break
         finally:
             self.hub.tails.discard(ev)
 
@@ -642,6 +672,10 @@ class App:
         self.server: Optional[grpc.aio.Server] = None
         self.port = 0
         self._flusher: Optional[asyncio.Task] = None
+        from step_ssh.server.scim.directory import Directory  # SCIM resources and tokens (docs/scim.md)
+        self.scim_directory = self.db.ex.submit(Directory, self.db.store).result()
+        self.scim = None  # step_ssh.server.scim.http.ScimService while serving
+        self.scim_port = 0
 
     def host_pb(self, h: dict) -> pb.Host:
         w = self.hub.watchers.get(h["id"])
@@ -682,6 +716,19 @@ class App:
         self._flusher = asyncio.create_task(self._flush_loop())
         return self.port
 
+    async def start_scim(self, listen: str) -> int:
+        """Serve SCIM over HTTPS on `listen` (HOST:PORT, port 0 picks one)."""
+        from step_ssh.server.scim.http import ScimService
+        cert, key = self.cfg.scim_tls_cert, self.cfg.scim_tls_key
+        if cert:
+            cert, key = str(self.dir.root / cert), str(self.dir.root / key)  # absolute paths stay as they are
+        else:
+            cert, key = str(self.dir.server_cert), str(self.dir.server_key)
+        scim = ScimService(self)
+        self.scim_port = await scim.start(listen, cert, key)
+        self.scim = scim
+        return self.scim_port
+
     async def flush(self) -> None:
         hub = self.hub
         if hub.pending_state:
@@ -705,6 +752,8 @@ class App:
                 LOG.exception("saving host sync state failed")
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.scim is not None:
+            await self.scim.stop()
         self.hub.stop()
         if self.server is not None:
             await self.server.stop(grace)

@@ -140,13 +140,46 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_time ON audit(time_us);
 CREATE INDEX IF NOT EXISTS audit_user ON audit(user, time_us);
 CREATE INDEX IF NOT EXISTS audit_host ON audit(host_id, time_us);
+CREATE TABLE IF NOT EXISTS scim_users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE REFERENCES users(name) ON DELETE CASCADE,
+    user_name TEXT NOT NULL,
+    user_name_key TEXT NOT NULL UNIQUE,
+    external_id TEXT,
+    data TEXT NOT NULL,
+    created TEXT NOT NULL,
+    modified TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scim_users_external ON scim_users(external_id);
+CREATE TABLE IF NOT EXISTS scim_groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE REFERENCES groups(name) ON DELETE CASCADE,
+    display_name TEXT NOT NULL,
+    display_name_key TEXT NOT NULL UNIQUE,
+    external_id TEXT,
+    data TEXT NOT NULL,
+    created TEXT NOT NULL,
+    modified TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scim_groups_external ON scim_groups(external_id);
+CREATE TABLE IF NOT EXISTS scim_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS scim_token_use (id TEXT PRIMARY KEY, last_used_at INTEGER NOT NULL);
 """
 
 # Tables whose content is the control plane's state of record (compared by
 # the "rejections change nothing" tests). host_state/views are sync
-# bookkeeping; hosts.last_seen/applied_revision change on every connect.
+# bookkeeping; hosts.last_seen/applied_revision change on every connect, and
+# scim_token_use.last_used_at on every SCIM request.
 STATE_TABLES = ("meta", "users", "groups", "members", "ids", "grants", "hosts", "certs", "tokens",
-                "user_cas", "changes", "audit")
+                "user_cas", "changes", "audit", "scim_users", "scim_groups", "scim_tokens")
 
 
 class StoreError(Exception):
@@ -391,6 +424,50 @@ class Store:
              t.rev, t.rev))
         return self._user_dict(self._user(u.name)), warnings
 
+    def _update_user(self, t: Txn, row: sqlite3.Row, u: UserIn, warnings: list[str]) -> bool:
+        """Apply the changeable fields of `u` (validated) to the existing user
+        `row`. The uid never changes; the primary gid only to a group's gid
+        (anything else is kept, with a warning). True if anything changed."""
+        if u.uid and u.uid != row["uid"]:
+            warnings.append(f"user {u.name}: keeps uid {row['uid']} (directory says {u.uid}); "
+                            "uids never change once assigned")
+        gid = row["gid"]
+        if u.gid and u.gid != row["gid"]:
+            if self._group_by_gid(u.gid) is not None:
+                gid = u.gid
+            else:
+                warnings.append(f"user {u.name}: keeps gid {row['gid']} (directory says {u.gid}, "
+                                "which is no group's)")
+        self._check_name_clash(u.name, gid)
+        new = (gid, u.gecos, u.shell, u.home, u.email, json.dumps(u.principals), int(u.active))
+        old = (row["gid"], row["gecos"], row["shell"], row["home"], row["email"], row["principals"],
+               row["active"])
+        if new == old:
+            return False
+        if row["active"] and not u.active:
+            t.removal = True
+        if json.loads(row["principals"]) and set(json.loads(row["principals"])) - set(u.principals):
+            t.removal = True
+        t.conn.execute("UPDATE users SET gid=?, gecos=?, shell=?, home=?, email=?, principals=?, active=?, "
+                       "updated_rev=? WHERE name=?", new + (t.rev, u.name))
+        return True
+
+    def _change_members(self, t: Txn, group: str, add: Iterable[str], remove: Iterable[str]) -> int:
+        """Add and remove members of an existing group (users must exist;
+        adding a member or removing a non-member is a no-op). Returns how
+        many memberships changed."""
+        c = t.conn
+        before = c.total_changes
+        c.executemany("DELETE FROM members WHERE group_name=? AND user_name=?", [(group, m) for m in remove])
+        removed = c.total_changes - before
+        c.executemany("INSERT OR IGNORE INTO members VALUES (?,?)", [(group, m) for m in sorted(add)])
+        changed = c.total_changes - before
+        if removed:
+            t.removal = True
+        if changed:
+            c.execute("UPDATE groups SET updated_rev=? WHERE name=?", (t.rev, group))
+        return changed
+
     def create_user(self, u: UserIn, actor: str = "admin") -> dict:
         u = self._validate_user(u)
         with self._write("user_add", actor) as t:
@@ -582,27 +659,7 @@ class Store:
                     res["warnings"] += w
                     res["users_created"] += 1
                     continue
-                if u.uid and u.uid != row["uid"]:
-                    res["warnings"].append(f"user {u.name}: keeps uid {row['uid']} (directory says {u.uid}); "
-                                           "uids never change once assigned")
-                gid = row["gid"]
-                if u.gid and u.gid != row["gid"]:
-                    if self._group_by_gid(u.gid) is not None:
-                        gid = u.gid
-                    else:
-                        res["warnings"].append(f"user {u.name}: keeps gid {row['gid']} (directory says {u.gid}, "
-                                               "which is no group's)")
-                self._check_name_clash(u.name, gid)
-                new = (gid, u.gecos, u.shell, u.home, u.email, json.dumps(u.principals), int(u.active))
-                old = (row["gid"], row["gecos"], row["shell"], row["home"], row["email"], row["principals"],
-                       row["active"])
-                if new != old:
-                    if row["active"] and not u.active:
-                        t.removal = True
-                    if json.loads(row["principals"]) and set(json.loads(row["principals"])) - set(u.principals):
-                        t.removal = True
-                    c.execute("UPDATE users SET gid=?, gecos=?, shell=?, home=?, email=?, principals=?, active=?, "
-                              "updated_rev=? WHERE name=?", new + (t.rev, u.name))
+                if self._update_user(t, row, u, res["warnings"]):
                     res["users_updated"] += 1
             for g in groups:
                 if g.members is None:
@@ -613,13 +670,7 @@ class Store:
                                       "or remove it from the group)")
                 cur = {r[0] for r in c.execute("SELECT user_name FROM members WHERE group_name=?", (g.name,))}
                 want = set(g.members)
-                if cur != want:
-                    if cur - want:
-                        t.removal = True
-                    c.executemany("DELETE FROM members WHERE group_name=? AND user_name=?",
-                                  [(g.name, m) for m in cur - want])
-                    c.executemany("INSERT INTO members VALUES (?,?)", [(g.name, m) for m in sorted(want - cur)])
-                    c.execute("UPDATE groups SET updated_rev=? WHERE name=?", (t.rev, g.name))
+                if self._change_members(t, g.name, want - cur, cur - want):
                     if self._group(g.name)["created_rev"] != t.rev:
                         res["groups_updated"] += 1
             if res["users_removed"] or res["groups_removed"]:

@@ -262,25 +262,40 @@ class ViewEngine:
             for op, detail in conn.execute("SELECT op, detail FROM changes WHERE revision > ? AND revision <= ? "
                                            "ORDER BY revision", (self.revision, rev)):
                 d = json.loads(detail)
-                if op in ("user_add", "user_rm"):
-                    u = d["user"]
+
+                def user_changed(u: str) -> None:
                     dirty_users.add(u)
                     self.users.pop(u, None)
                     for g in self.user_groups.pop(u, ()):
                         self._forget_group(g)
                         dirty_groups.add(g)
-                elif op in ("member_add", "member_rm"):
-                    self._forget_group(d["group"])
-                    dirty_groups.add(d["group"])
-                elif op in ("group_add", "group_rm"):
-                    self._forget_group(d["group"])
-                    dirty_groups.add(d["group"])
-                    self.gid_group = self.group_gid = None
-                    if op == "group_add":  # it may be someone's primary group now (adopted private gid)
-                        row = conn.execute("SELECT gid FROM groups WHERE name=?", (d["group"],)).fetchone()
+
+                def group_changed(g: str, added_or_removed: bool) -> None:
+                    self._forget_group(g)
+                    dirty_groups.add(g)
+                    if added_or_removed:
+                        self.gid_group = self.group_gid = None
+                        # it may be someone's primary group now (adopted private gid)
+                        row = conn.execute("SELECT gid FROM groups WHERE name=?", (g,)).fetchone()
                         if row:
                             dirty_users.update(r[0] for r in conn.execute("SELECT name FROM users WHERE gid=?",
                                                                           (row[0],)))
+
+                if op in ("user_add", "user_rm"):
+                    user_changed(d["user"])
+                elif op in ("member_add", "member_rm"):
+                    group_changed(d["group"], False)
+                elif op in ("group_add", "group_rm"):
+                    group_changed(d["group"], True)
+                elif op.startswith("scim_"):
+                    # One SCIM request, one revision: the users and groups it
+                    # touched (step_ssh.server.scim.directory).
+                    for u in d.get("users", ()):
+                        user_changed(u)
+                    for g in d.get("groups", ()):
+                        group_changed(g, False)
+                    for g in d.get("groups_added_or_removed", ()):
+                        group_changed(g, True)
                 elif op in ("grant_add", "grant_rm", "ca_add", "ca_rm", "host_tag", "host_untag", "host_rm",
                             "host_register", "host_enroll"):
                     pass  # the fleet reload below covers these
