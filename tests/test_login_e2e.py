@@ -80,7 +80,10 @@ def test_ssh_user_gets_synced_identity_and_a_fresh_home_but_no_sudo(site, keys):
     assert "a password is required" in r.stderr
     assert stat(h, "/home/bob") == "70002 70100 700 directory"
     assert stat(h, "/home/bob/.bashrc") == "70002 70100 644 regular file"
-    new = site.events()[before:]
+    # sshd writes session_close after the client has gone: wait for it
+    deadline = time.monotonic() + 10
+    while len(new := site.events()[before:]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [e["type"] for e in new] == ["home_created", "session_open", "sudo", "session_close"]
     opened, sudo = new[1], new[2]
     assert opened["user"] == "bob" and opened["home_created"] is True
