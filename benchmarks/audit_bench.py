@@ -182,7 +182,7 @@ session  required pam_stepssh.so service={svc}:ssh {extra}
 
 
 def pam_sessions(n: int) -> dict:
-    from login_fixtures import EVENTS, Keys, LoginHost, unavailable
+    from login_fixtures import Keys, LoginHost, unavailable
     why = unavailable()
     if why:
         return {"skipped": why}

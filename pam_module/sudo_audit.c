@@ -35,7 +35,7 @@
 static struct {
     char spool[1024];
     unsigned long spool_max;
-    sudo_printf_t printf;
+    sudo_printf_t say; /* sudo's printf, for show_version */
     char user[256], cwd[2048], tty[256], progname[64], runas_user[256], session_id[SS_ULID_LEN + 1];
     long long uid;
     char submitted[CMD_MAX + 64]; /* the command as typed (after sudo's options) */
@@ -173,7 +173,7 @@ static int audit_open(unsigned int version, sudo_conv_t conversation, sudo_print
                       const char **errstr) {
     (void)version, (void)conversation, (void)errstr;
     memset(&st, 0, sizeof st);
-    st.printf = plugin_printf;
+    st.say = plugin_printf;
     copy(st.spool, sizeof st.spool, STEPSSH_SPOOL_DIR);
     st.spool_max = STEPSSH_SPOOL_MAX;
     for (char *const *o = plugin_options; o && *o; o++) {
@@ -251,8 +251,8 @@ static int audit_error(const char *plugin_name, unsigned int plugin_type, const 
 }
 
 static int audit_show_version(int verbose) {
-    if (st.printf)
-        st.printf(SUDO_CONV_INFO_MSG, "step-ssh audit plugin version %s%s%s\n", STEPSSH_VERSION,
+    if (st.say)
+        st.say(SUDO_CONV_INFO_MSG, "step-ssh audit plugin version %s%s%s\n", STEPSSH_VERSION,
                   verbose ? ", spool " : "", verbose ? st.spool : "");
     return 1;
 }

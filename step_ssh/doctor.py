@@ -314,6 +314,9 @@ def check_sudo_audit(ctx: Context) -> Check:
     except FileNotFoundError:
         text = ""
     plugin = hostconfig.sudo_conf_plugin_path(text)
+    if plugin is None and not paths.SUDO_AUDIT_PLUGIN.exists():
+        return Check(name, WARN, "the sudo audit plugin was not built (no <sudo_plugin.h> when step-ssh was "
+                                 "installed): sudo commands are not audited. Install sudo's headers and reinstall.")
     if plugin is None:
         return Check(name, FAIL, f"{hostconfig.SUDO_CONF_PATH} has no `Plugin {hostconfig.SUDO_PLUGIN_SYMBOL}` "
                                  "line: sudo commands are not audited. Run `step-ssh activate`.")

@@ -247,9 +247,10 @@ def test_local_identity_checks():
     assert kinds(d) == ["client_cert_expired"] and "certificate expired" in d[0].message and "1d" in d[0].message
     future, k3 = _leaf(ca, not_before=NOW + dt.timedelta(minutes=30))
     d = tlsdiag.check_local(future, k3, ca[0])
-    # 30 min ahead, less the seconds this test has run: "29m…" or "28m59s" on a slow machine
+    # 30 min ahead of NOW, which is taken at import: in a long run some minutes
+    # have passed by the time this test runs
     assert kinds(d) == ["client_cert_not_yet_valid"] and "clock skew" in d[0].message
-    assert re.search(r"clock skew of at least (29m|28m5\ds)", d[0].message), d[0].message
+    assert re.search(r"clock skew of at least 2\dm", d[0].message), d[0].message
     other = pki.create_ca("other")
     d = tlsdiag.check_local(cert, key, other[0])
     assert kinds(d) == ["unknown_ca"] and pki.fingerprint(other[0]) in d[0].message

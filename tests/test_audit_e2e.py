@@ -8,6 +8,7 @@ write to the host's spool; the agent ships it to a real control plane over
 mTLS. `step-ssh-ctl audit list` and `audit tail` read it back."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -76,12 +77,13 @@ def test_login_and_sudo_reach_the_control_plane(running_server, tmp_path):  # no
         evs = wait_events(s, lambda e: len(e) == 2, host="app1", type="access_changed")
         assert {(e.user, e.old_access, e.access) for e in evs} == {("alice", "none", "sudo"), ("bob", "none", "ssh")}
 
-        # `audit tail` follows from now on (a separate process, as an operator runs it)
+        # `audit tail` from now on (a separate process, as an operator runs it): whatever
+        # arrives before it has subscribed comes as backlog (--since), the rest as followed
+        now = dt.datetime.now(dt.timezone.utc).isoformat()  # after the access_changed events above
         tail = subprocess.Popen([sys.executable, "-c", "from step_ssh.ctl import main; main()", "--profile",
-                                 str(s.profile), "audit", "tail", "-n", "0", "--count", "4", "--user", "alice",
+                                 str(s.profile), "audit", "tail", "--since", now, "--count", "4", "--user", "alice",
                                  "--json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # let it subscribe
 
         def cert(user):
             signed = s.admin.SignUserKey(pb.SignRequest(user=user, public_key=keys.pub(user), ttl_seconds=3600),

@@ -196,3 +196,45 @@ def test_full_spool(site):
     site.agent.wait(lambda st: st["audit"]["state"] == "idle", what="idle")
     time.sleep(0.5)
     assert len(site.ids()) == len(accepted) + 1
+
+
+def test_tail_shows_the_backlog_then_says_when_the_control_plane_goes(site):
+    ids = fill(site.spool, 5)
+    site.agent.start()
+    site.drained(5)
+    tail = subprocess.Popen([sys.executable, "-c", "from step_ssh.ctl import main; main()", "--profile",
+                             str(site.server.profile), "audit", "tail", "-n", "2", "--host", "web1", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        lines = []
+        while len(lines) < 2 and time.monotonic() < deadline:
+            lines.append(tail.stdout.readline())
+        assert [json.loads(x)["id"] for x in lines] == ids[-2:]
+        site.agent.stop()
+        site.server.stop()
+        out, err = tail.communicate(timeout=20)
+        assert tail.returncode == 5 and "ended the stream" in err, (tail.returncode, out, err)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.communicate()
+
+
+def test_doctor_on_a_full_and_a_stuck_spool(site):
+    ctx = doctor.Context(site.agent.config_path)
+    doctor._load(ctx)
+    assert doctor.check_audit_spool(ctx).status == "PASS"
+    fill(site.spool, 3)
+    c = doctor.check_audit_spool(ctx)
+    assert c.status == "PASS" and c.description.startswith("3 event(s)"), c
+    os.truncate(site.spool / "events", 64 << 20)  # the PAM module's limit, reached
+    c = doctor.check_audit_spool(ctx)
+    assert c.status == "FAIL" and "full: new events are being dropped" in c.description, c
+    os.truncate(site.spool / "events", 40 << 20)
+    c = doctor.check_audit_spool(ctx)
+    assert c.status == "WARN" and "over half full" in c.description, c
+    # an agent that cannot ship says so through its status file
+    ctx.status = {"audit": {"last_error": {"message": "UNAVAILABLE: connection refused"}}}
+    c = doctor.check_audit_spool(ctx)
+    assert c.status == "WARN" and "the agent cannot ship: UNAVAILABLE" in c.description, c

@@ -267,3 +267,34 @@ def test_sudo_conf_block_is_idempotent_and_removable():
     assert hostconfig.sudo_conf_with(None).startswith(hostconfig.MARK_BEGIN)
     with pytest.raises(ValueError):
         hostconfig.sudo_conf_with(original, "relative/plugin.so")
+
+
+def test_access_changes_between_two_published_caches(tmp_path, monkeypatch):
+    from step_ssh.agent import audit as agent_audit
+    from step_ssh.agent.config import parse_config
+    from step_ssh.cache.writer import build
+    from step_ssh.view import HostView
+
+    def cache(name, users):
+        p = tmp_path / name
+        p.write_bytes(build(HostView.model_validate({"revision": 1, "groups": [], "users": [
+            {"name": n, "uid": 70000 + i, "gid": 70000 + i, "principals": [n], "access": a}
+            for i, (n, a) in enumerate(users)]})))
+        return agent_audit.open_cache(p)
+
+    old = cache("old", [("alice", "sudo"), ("bob", "ssh"), ("carol", "ssh")])
+    new = cache("new", [("alice", "ssh"), ("carol", "ssh"), ("dave", "sudo")])
+    want = [("alice", "sudo", "ssh"), ("bob", "ssh", "none"), ("dave", "none", "sudo")]
+    assert agent_audit.access_changes(old, new, None) == want
+    assert agent_audit.access_changes(old, new, ["bob", "carol", "zed"]) == [("bob", "ssh", "none")]
+    cfg = parse_config({"server": "cp:1", "state_dir": str(tmp_path / "state")})
+    monkeypatch.setattr(agent_audit, "MAX_ACCESS_EVENTS", 2)
+    assert agent_audit.record_access_changes(cfg, want, 7) == 3
+    events, _ = read_all(audit.Spool(cfg.audit.spool_dir))
+    assert [(e.type, e.user, e.old_access, e.access, e.cache_revision) for e in events] == [
+        ("access_changed", "alice", "sudo", "ssh", 7), ("access_changed", "bob", "ssh", "none", 7),
+        ("access_changed", "", "", "", 7)]
+    assert events[0].reason == "changed: sudo -> ssh (cache revision 7)"
+    assert json.loads(events[2].extra_json)["count"] == 1
+    old.close()
+    new.close()

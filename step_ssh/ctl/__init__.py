@@ -737,6 +737,9 @@ def audit_tail(ctx, host_, user_, type_, since, lines, count) -> None:
             if count and seen >= count:
                 stream.cancel()
                 break
+        else:
+            raise CtlError("the control plane ended the stream (shutting down?); run `audit tail` again",
+                           rpc.EXIT_UNREACHABLE)
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.CANCELLED and count and seen >= count:
             return
