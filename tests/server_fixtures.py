@@ -185,6 +185,17 @@ class RunningServer:
                 pass
         return out
 
+    def wait_log(self, pred, timeout: float = 10.0) -> list[dict]:
+        """The server's stderr passes through a pump thread (see
+        server/log.capture_native_stderr), so a line can land a moment after
+        the RPC that logged it returned: poll until `pred` matches a record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = self.log_records()
+            if any(pred(r) for r in recs) or time.monotonic() > deadline:
+                return recs
+            time.sleep(0.05)
+
     # ---- clients ------------------------------------------------------------------
 
     def admin_creds(self) -> grpc.ChannelCredentials:

@@ -331,5 +331,5 @@ def test_changes_reach_hosts_by_push_within_a_second(scim_server):
         assert list(d.remove_users) == ["linus"] and d.shrink_intended
     finally:
         call.cancel()
-    changes = [json.loads(line) for line in s.log_text().splitlines() if '"msg":"scim"' in line]
+    changes = [r for r in s.wait_log(lambda r: r.get("msg") == "scim") if r.get("msg") == "scim"]
     assert changes and all(c["token"].startswith("st") for c in changes)

@@ -87,7 +87,9 @@ def test_profile_command_issues_a_working_admin_profile(module_server, tmp_path)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     r = s.ctl("--profile", str(out), "--json", "user", "list")
     assert r.exit_code == 0, r.output
-    assert any(rec.get("caller") == "admin:ops" for rec in s.log_records())
+    def by_ops(rec):
+        return rec.get("caller") == "admin:ops"
+    assert any(by_ops(rec) for rec in s.wait_log(by_ops))
 
 
 def test_run_refuses_a_busy_port_and_logs_json(module_server):

@@ -90,7 +90,7 @@ def test_resume_after_restart_sends_no_snapshot(running_server):
     assert ev.delta.shrink_intended
     held = apply_delta(held, ev.delta)
     call.cancel()
-    assert "watch sent" in s.log_text()
+    assert any(r.get("msg") == "watch sent" for r in s.wait_log(lambda r: r.get("msg") == "watch sent"))
 
 
 def test_unknown_base_revision_gets_a_snapshot(running_server):
@@ -121,7 +121,9 @@ def test_revision_from_the_future_is_not_an_intended_shrink(running_server):
     ev = next_event(call)
     assert kind(ev) == "snapshot" and not ev.snapshot.shrink_intended
     call.cancel()
-    assert any(r.get("msg", "").startswith("host claims a revision newer") for r in s.log_records())
+    def claims(r):
+        return r.get("msg", "").startswith("host claims a revision newer")
+    assert any(claims(r) for r in s.wait_log(claims))
 
 
 def test_untagging_is_an_intended_shrink_and_host_rm_ends_the_stream(running_server):
