@@ -7,20 +7,21 @@ break passwd/group lines); checks against the host's own files live in
 """
 from __future__ import annotations
 
-import re
 from enum import Enum
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Debian's useradd default (shadow's is_valid_user_name without --badname):
-# lower-case start, then lower-case, digits, '_' or '-', optional trailing '$'.
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
-NAME_MAX = 32
-MAX_ID = 2**32 - 2  # (uid_t)-1 is "no change" to chown and never a valid id
-DEFAULT_MIN_ID = 1000
-DEFAULT_MAX_STALE = 24 * 3600
-PRINCIPAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]{1,256}$")
+from step_ssh.limits import (  # noqa: F401  (re-exported: the models' public rules)
+    DEFAULT_MAX_STALE,
+    DEFAULT_MIN_ID,
+    DEFAULT_SUDO_GID,
+    DEFAULT_SUDO_GROUP,
+    MAX_ID,
+    NAME_MAX,
+    NAME_RE,
+    PRINCIPAL_RE,
+)
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -119,8 +120,8 @@ class Group(_Strict):
 class SudoGroup(_Strict):
     """The synthesized group whose members are the users holding `sudo`."""
 
-    name: str = "step-sudo"
-    gid: int = Field(default=69999, ge=1, le=MAX_ID)
+    name: str = DEFAULT_SUDO_GROUP
+    gid: int = Field(default=DEFAULT_SUDO_GID, ge=1, le=MAX_ID)
 
     @field_validator("name")
     @classmethod

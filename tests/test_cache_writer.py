@@ -7,7 +7,7 @@ import stat
 import pytest
 from pydantic import ValidationError
 
-from conftest import EXAMPLE, make_view
+from conftest import make_view
 from step_ssh.cache.format import Header
 from step_ssh.cache.local import LocalAccounts, ViewRejected, check_against_local
 from step_ssh.cache.writer import build, write_cache

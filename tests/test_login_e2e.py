@@ -337,8 +337,8 @@ def test_jump_user_cannot_bypass_the_restriction_with_keys_of_their_own(jump_sit
         reasons = {e["reason"] for e in denied}
         assert "jump-only login not made with a fleet certificate: authenticated by a plain " \
                "ssh-ed25519 key, not by a certificate" in reasons
-        assert f"jump-only login not made with a fleet certificate: certificate is not signed by " \
-               f"a CA in /var/lib/step-ssh/trusted-user-ca-keys" in reasons
+        assert "jump-only login not made with a fleet certificate: certificate is not signed by " \
+               "a CA in /var/lib/step-ssh/trusted-user-ca-keys" in reasons
         assert "PAM: pam_open_session()" in bastion.sshd_output()
         # the fleet certificate still works
         r = h.run(["ssh", "-F", str(cfg), "-J", f"jack@127.0.0.1:{bastion.port}",

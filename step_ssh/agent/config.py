@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from step_ssh.view import DEFAULT_MIN_ID
+from step_ssh.limits import DEFAULT_MIN_ID
 
 DEFAULT_CONFIG_DIR = Path("/etc/step-ssh")
 DEFAULT_CONFIG = DEFAULT_CONFIG_DIR / "agent.yaml"

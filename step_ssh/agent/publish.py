@@ -26,9 +26,17 @@ from typing import Optional
 from step_ssh.cache.format import FLAG_BASTION, GROUP_WORDS, USER_WORDS, Header, mix32
 from step_ssh.cache.lean import fnv1a_table, index_table, write_sections
 from step_ssh.cache.local import LocalAccounts, ViewRejected, group_conflicts
-from step_ssh.cache.writer import CACHE_MODE
+from step_ssh.cache.format import CACHE_MODE
 from step_ssh.proto import stepssh_pb2 as pb
-from step_ssh.view import DEFAULT_MAX_STALE, MAX_ID, NAME_MAX, NAME_RE, PRINCIPAL_RE, SudoGroup
+from step_ssh.limits import (
+    DEFAULT_MAX_STALE,
+    DEFAULT_SUDO_GID,
+    DEFAULT_SUDO_GROUP,
+    MAX_ID,
+    NAME_MAX,
+    NAME_RE,
+    PRINCIPAL_RE,
+)
 
 DEFAULT_SHELL = "/bin/bash"
 _NAME_OK = NAME_RE.match
@@ -55,8 +63,7 @@ class Published:
 
 def sudo_group_of(view) -> tuple[str, int]:
     s = view.settings
-    return (s.sudo_group_name or SudoGroup.model_fields["name"].default,
-            s.sudo_group_gid or SudoGroup.model_fields["gid"].default)
+    return (s.sudo_group_name or DEFAULT_SUDO_GROUP, s.sudo_group_gid or DEFAULT_SUDO_GID)
 
 
 def max_stale_of(view) -> int:

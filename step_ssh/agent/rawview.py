@@ -17,45 +17,12 @@ from array import array
 from typing import Iterator, Optional
 
 from step_ssh.proto import stepssh_pb2 as pb
+from step_ssh.wire import I32, I64, LEN, VARINT, WireError, encode_varint, read_varint
 
 # field numbers (stepssh.proto)
 HV_REVISION, HV_USERS, HV_GROUPS, HV_SETTINGS = 1, 2, 3, 4
 SNAP_VIEW, SNAP_SHRINK = 1, 2
 EV_SNAPSHOT = 1
-
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
-
-
-class WireError(ValueError):
-    """The bytes are not a well-formed message of the expected type."""
-
-
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        try:
-            b = buf[pos]
-        except IndexError:
-            raise WireError("truncated varint") from None
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise WireError("varint too long")
-
-
-def _encode_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def fields(buf, start: int = 0, end: Optional[int] = None) -> Iterator[tuple[int, int, int, int, int]]:
@@ -66,15 +33,15 @@ def fields(buf, start: int = 0, end: Optional[int] = None) -> Iterator[tuple[int
     pos = start
     while pos < end:
         rec = pos
-        tag, pos = _varint(buf, pos)
+        tag, pos = read_varint(buf, pos)
         num, wt = tag >> 3, tag & 7
         if num == 0:
             raise WireError("field number 0")
         if wt == VARINT:
-            v, pos = _varint(buf, pos)
+            v, pos = read_varint(buf, pos)
             yield num, wt, v, pos, rec
         elif wt == LEN:
-            n, pos = _varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             if pos + n > end:
                 raise WireError("length-delimited field runs past the end")
             yield num, wt, pos + n, pos, rec
@@ -101,7 +68,7 @@ def _scan(mv: memoryview):
     settings: list[bytes] = []
     spans = {HV_USERS: (array("I"), array("I"), array("I")), HV_GROUPS: (array("I"), array("I"), array("I"))}
     urs, ups, ues = spans[HV_USERS]
-    varint = _varint
+    varint = read_varint
     while pos < n:
         rec = pos
         tag = mv[pos]
@@ -220,11 +187,11 @@ class RawView:
         Untouched records are copied as byte ranges, never re-encoded."""
         mv = self.mv
         out = bytearray()
-        out += _encode_varint(HV_REVISION << 3 | VARINT) + _encode_varint(d.revision)
+        out += encode_varint(HV_REVISION << 3 | VARINT) + encode_varint(d.revision)
         for field_no, removes, upserts in ((HV_USERS, d.remove_users, d.upsert_users),
                                            (HV_GROUPS, d.remove_groups, d.upsert_groups)):
             rs, _, es = self._spans_of[field_no]
-            tag = _encode_varint(field_no << 3 | LEN)
+            tag = encode_varint(field_no << 3 | LEN)
             remove = set(removes)
             ups: dict[str, bytes] = {}
             for rec in upserts:
@@ -253,14 +220,14 @@ class RawView:
                 if name not in placed:
                     placed.add(name)
                     new = ups[name]
-                    out += tag + _encode_varint(len(new)) + new
+                    out += tag + encode_varint(len(new)) + new
             flush()
             for name, new in ups.items():
                 if name not in placed:
-                    out += tag + _encode_varint(len(new)) + new
+                    out += tag + encode_varint(len(new)) + new
         settings = d.settings if d.HasField("settings") else self.settings
         sb = settings.SerializeToString()
-        out += _encode_varint(HV_SETTINGS << 3 | LEN) + _encode_varint(len(sb)) + sb
+        out += encode_varint(HV_SETTINGS << 3 | LEN) + encode_varint(len(sb)) + sb
         return RawView(out)  # the bytearray itself: no copy
 
 

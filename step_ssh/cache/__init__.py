@@ -1,5 +1,5 @@
-"""The host's local cache: model -> validated -> file that the C modules read."""
-from step_ssh.cache.local import LocalAccounts, ViewRejected, check_against_local
-from step_ssh.cache.writer import build, publish_bytes, write_cache
+"""The host's local cache: model -> validated -> file that the C modules read.
 
-__all__ = ["LocalAccounts", "ViewRejected", "build", "check_against_local", "publish_bytes", "write_cache"]
+format: the layout; writer: build from a HostView and publish; lean: the agent's
+streaming builder; local: the host's own accounts, which always win.
+"""

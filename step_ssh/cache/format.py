@@ -12,6 +12,7 @@ VERSION = 1
 BYTE_ORDER = 0x01020304
 BLOCK_SIZE = 4096
 FLAG_BASTION = 1
+CACHE_MODE = 0o644  # NSS runs in every process: the cache must be world-readable
 
 # Native byte order: the cache is written and read on the same host, and the
 # byte_order field lets a reader on the other endianness refuse it.

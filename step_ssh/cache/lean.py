@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from step_ssh.cache.format import BLOCK_SIZE, BYTE_ORDER, HEADER, MAGIC, VERSION, Header
-from step_ssh.cache.writer import _mark_superseded, _open_current
+from step_ssh.cache.replace import mark_superseded, open_current
 
 Section = Union[array, bytearray, bytes]
 
@@ -130,7 +130,7 @@ def write_sections(path: str | Path, parts: list, *, mode: int, strings_size: in
     (strings, users, groups, pool, then the user-name, uid, group-name and gid
     indexes) to a temporary file next to `path`, fill in the header last,
     fsync, rename over `path`, fsync the directory and flag the replaced file
-    as superseded (as writer.publish_bytes does).
+    as superseded (as replace.publish_bytes does).
 
     `parts` holds each section (4-byte aligned) or a callable that builds it;
     every entry is dropped from the list once written, so a caller that keeps
@@ -140,7 +140,7 @@ def write_sections(path: str | Path, parts: list, *, mode: int, strings_size: in
     assert len(parts) == 8
     path = Path(path)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    old = _open_current(path)  # flagged superseded once replaced (docs/cache-format.md)
+    old = open_current(path)  # flagged superseded once replaced (docs/cache-format.md)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except BaseException:
@@ -201,5 +201,5 @@ def write_sections(path: str | Path, parts: list, *, mode: int, strings_size: in
             os.close(dfd)
     finally:
         if old is not None:
-            _mark_superseded(old)
+            mark_superseded(old)
     return header

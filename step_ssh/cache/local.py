@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from step_ssh.view import DEFAULT_MIN_ID, HostView
+from step_ssh.limits import DEFAULT_MIN_ID
+
+if TYPE_CHECKING:  # the agent uses this module without the pydantic view models
+    from step_ssh.view import HostView
 
 
 class ViewRejected(ValueError):

@@ -1,9 +1,6 @@
 """Build a cache file from a HostView and publish it atomically."""
 from __future__ import annotations
 
-import os
-import stat
-import struct
 import time
 import zlib
 from array import array
@@ -17,18 +14,16 @@ from step_ssh.cache.format import (
     GROUP_WORDS,
     HEADER,
     MAGIC,
-    SUPERSEDED_OFFSET,
     USER_WORDS,
     VERSION,
     Header,
     fnv1a,
     mix32,
 )
-from step_ssh.fsutil import atomic_write
+from step_ssh.cache.replace import publish_bytes, retire  # noqa: F401  (re-exported)
 from step_ssh.cache.local import LocalAccounts, ViewRejected, check_against_local
 from step_ssh.view import ACCESS_CODES, DEFAULT_MIN_ID, Access, Group, HostView
 
-CACHE_MODE = 0o644  # NSS runs in every process: the cache must be world-readable
 
 
 class _Strings:
@@ -146,54 +141,6 @@ def build(view: HostView, now: Optional[int] = None) -> bytes:
     crc_table = crcs.tobytes()
     header.header_crc = zlib.crc32(crc_table, zlib.crc32(header.pack()))
     return header.pack() + data + crc_table
-
-
-def _open_current(path: Path) -> Optional[int]:
-    """A write descriptor on the cache now at `path`, if it is one of ours."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode) or os.pread(fd, len(MAGIC), 0) != MAGIC:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _mark_superseded(fd: int) -> None:
-    """Tell readers still mapping the old file to look at the path again (see
-    `superseded` in docs/cache-format.md); saves them a stat() per lookup."""
-    try:
-        os.pwrite(fd, struct.pack("=I", 1), SUPERSEDED_OFFSET)
-    finally:
-        os.close(fd)
-
-
-def publish_bytes(data: bytes, path: str | Path, mode: int = CACHE_MODE) -> None:
-    """Replace the cache atomically (see fsutil.atomic_write), then flag the
-    file it replaced as superseded."""
-    old = _open_current(Path(path))
-    try:
-        atomic_write(path, data, mode)
-    except BaseException:
-        if old is not None:
-            os.close(old)
-        raise
-    if old is not None:
-        _mark_superseded(old)
-
-
-def retire(path: str | Path) -> bool:
-    """Remove the cache (deactivate --purge), flagging it for current readers."""
-    old = _open_current(Path(path))
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    finally:
-        if old is not None:
-            _mark_superseded(old)
-    return True
 
 
 def write_cache(

@@ -289,5 +289,5 @@ def status(config_path: Path, status_file: Optional[Path], as_json: bool, show_c
     elif au:
         out("audit:        shipping disabled (audit.enabled: false)")
     c = st.get("counters") or {}
-    out(f"counters:     " + ", ".join(f"{k} {v}" for k, v in c.items() if v))
+    out("counters:     " + ", ".join(f"{k} {v}" for k, v in c.items() if v))
     sys.exit(code)

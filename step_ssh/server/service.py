@@ -26,7 +26,8 @@ from step_ssh.server import log, sshca
 from step_ssh.server.config import ServerConfig, ServerDir
 from step_ssh.server.rules import RuleError
 from step_ssh.server.store import GroupIn, Store, StoreError, UserIn
-from step_ssh.server.views import ComputedView, ViewEngine, _field, _varint, diff_computed, stamped
+from step_ssh.server.views import ComputedView, ViewEngine, _field, diff_computed, stamped
+from step_ssh.wire import encode_varint
 
 LOG = log.get("step_ssh.server")
 
@@ -266,7 +267,7 @@ class Hub:
 def snapshot_event(cv: ComputedView, rev: int, shrink: bool) -> bytes:
     """WatchEvent{snapshot{view{revision, <cached view bytes>}, shrink_intended}},
     encoded without building the (possibly 100k-user) message."""
-    view = (b"\x08" + _varint(rev) if rev else b"") + cv.blob
+    view = (b"\x08" + encode_varint(rev) if rev else b"") + cv.blob
     snap = _field(b"\x0a", view) + (b"\x10\x01" if shrink else b"")
     return _field(b"\x0a", snap)
 

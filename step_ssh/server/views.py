@@ -33,6 +33,7 @@ from typing import Iterable, Optional
 
 from step_ssh.proto import stepssh_pb2 as pb
 from step_ssh.server.config import ServerConfig
+from step_ssh.wire import encode_varint
 
 RANK_JUMP, RANK_SSH, RANK_SUDO = 1, 2, 3
 RANK = {"ssh": RANK_SSH, "sudo": RANK_SUDO}
@@ -44,20 +45,8 @@ TagSet = frozenset  # frozenset[tuple[str, str]]
 _TAG_USER, _TAG_GROUP, _TAG_SETTINGS = b"\x12", b"\x1a", b"\x22"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
+    return tag + encode_varint(len(payload)) + payload
 
 
 @dataclass(frozen=True)
