@@ -10,16 +10,24 @@
  * Events are written by the sudo process (still euid 0) with the same code as
  * pam_stepssh.so: one durable line per event, and a copy to the system log.
  *
+ * When the command ends, audit_close records a `sudo_exit` event with its exit
+ * status (or signal) and duration, linked to the `sudo` event by `sudo_id`.
+ * sudo calls close() for every audit plugin that has one: having it also
+ * keeps sudo from exec'ing the command in place of itself.
+ *
  * Fail-open: an event that cannot be recorded is reported to syslog, and the
  * command still runs (an audit outage must not lock administrators out).  A
  * sudoers Defaults option can't turn this plugin off; only sudo.conf can. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pwd.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <syslog.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <sudo_plugin.h>
@@ -41,6 +49,10 @@ static struct {
     char submitted[CMD_MAX + 64]; /* the command as typed (after sudo's options) */
     int submitted_cut;
     char *const *argv;            /* sudo's own argv from the command on (lives as long as sudo) */
+    /* set when the command was accepted: what sudo_exit repeats */
+    char accepted_id[SS_ULID_LEN + 1], command[CMD_MAX + 64], target[256];
+    int command_cut;
+    struct timespec started;      /* CLOCK_MONOTONIC at accept */
 } st;
 
 static void copy(char *dst, size_t n, const char *src) {
@@ -97,6 +109,28 @@ static int join(char *out, size_t n, const char *first, char *const argv[]) {
     return 0;
 }
 
+/* Who ran sudo, from where, as whom: the same on `sudo` and `sudo_exit`. */
+static void common_fields(struct ss_json *j, const char *target) {
+    ss_json_str(j, "service", st.progname[0] ? st.progname : "sudo");
+    ss_json_str(j, "user", st.user);
+    if (st.uid >= 0)
+        ss_json_int(j, "uid", st.uid);
+    ss_json_str(j, "tty", st.tty[0] ? st.tty : NULL);
+    ss_json_int(j, "pid", getpid());
+    if (st.session_id[0])
+        ss_json_str(j, "session_id", st.session_id);
+    long long as = ss_audit_session();
+    if (as >= 0)
+        ss_json_int(j, "audit_session", as);
+    ss_json_str(j, "target_user", target);
+}
+
+static void append(const struct ss_json *j, const char *type) {
+    char why[512];
+    if (ss_audit_record(st.spool, st.spool_max, j, why, sizeof why) != 0)
+        syslog(LOG_AUTHPRIV | LOG_ERR, "step-ssh: audit event %s for %s not recorded: %s", type, st.user, why);
+}
+
 static void record(const char *result, const char *reason, char *const command_info[],
                    char *const run_argv[]) {
     struct ss_json j;
@@ -132,20 +166,17 @@ static void record(const char *result, const char *reason, char *const command_i
         }
     }
     const char *run_cwd = find(command_info, "cwd");
-    ss_event_begin(&j, "sudo", NULL);
+    char id[SS_ULID_LEN + 1];
+    ss_event_begin(&j, "sudo", id);
+    if (strcmp(result, "success") == 0) {
+        copy(st.accepted_id, sizeof st.accepted_id, id);
+        copy(st.command, sizeof st.command, cmd);
+        st.command_cut = cut;
+        copy(st.target, sizeof st.target, target);
+        clock_gettime(CLOCK_MONOTONIC, &st.started);
+    }
     ss_json_str(&j, "result", result);
-    ss_json_str(&j, "service", st.progname[0] ? st.progname : "sudo");
-    ss_json_str(&j, "user", st.user);
-    if (st.uid >= 0)
-        ss_json_int(&j, "uid", st.uid);
-    ss_json_str(&j, "tty", st.tty[0] ? st.tty : NULL);
-    ss_json_int(&j, "pid", getpid());
-    if (st.session_id[0])
-        ss_json_str(&j, "session_id", st.session_id);
-    long long as = ss_audit_session();
-    if (as >= 0)
-        ss_json_int(&j, "audit_session", as);
-    ss_json_str(&j, "target_user", target);
+    common_fields(&j, target);
     ss_json_strn(&j, "cwd", st.cwd, 1024);
     if (run_cwd && strcmp(run_cwd, st.cwd) != 0)
         ss_json_strn(&j, "run_cwd", run_cwd, 1024);
@@ -162,9 +193,7 @@ static void record(const char *result, const char *reason, char *const command_i
         if (ss_json_end(&j) != 0)
             return;
     }
-    char why[512];
-    if (ss_audit_record(st.spool, st.spool_max, &j, why, sizeof why) != 0)
-        syslog(LOG_AUTHPRIV | LOG_ERR, "step-ssh: audit event sudo for %s not recorded: %s", st.user, why);
+    append(&j, "sudo");
 }
 
 static int audit_open(unsigned int version, sudo_conv_t conversation, sudo_printf_t plugin_printf,
@@ -213,8 +242,46 @@ static int audit_open(unsigned int version, sudo_conv_t conversation, sudo_print
     return 1; /* never stop sudo because of auditing */
 }
 
+/* The accepted command has ended (or could not be started): one `sudo_exit`. */
 static void audit_close(int status_type, int status) {
-    (void)status_type, (void)status;
+    if (!st.accepted_id[0])
+        return; /* nothing ran: rejected, sudo -l, sudo -v, ... */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long ms = (long long)(now.tv_sec - st.started.tv_sec) * 1000 + (now.tv_nsec - st.started.tv_nsec) / 1000000;
+    struct ss_json j;
+    char reason[256] = "";
+    const char *result = "failure";
+    ss_event_begin(&j, "sudo_exit", NULL);
+    if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFEXITED(status)) {
+        result = WEXITSTATUS(status) == 0 ? "success" : "failure";
+        ss_json_str(&j, "result", result);
+        ss_json_int(&j, "exit_status", WEXITSTATUS(status));
+    } else if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFSIGNALED(status)) {
+        const char *name = sigabbrev_np(WTERMSIG(status));
+        ss_json_str(&j, "result", result);
+        ss_json_int(&j, "signal", WTERMSIG(status));
+        snprintf(reason, sizeof reason, "killed by SIG%s%s", name ? name : "?",
+                 WCOREDUMP(status) ? " (core dumped)" : "");
+    } else if (status_type == SUDO_PLUGIN_EXEC_ERROR || status_type == SUDO_PLUGIN_SUDO_ERROR) {
+        ss_json_str(&j, "result", result);
+        snprintf(reason, sizeof reason, "%s: %s",
+                 status_type == SUDO_PLUGIN_EXEC_ERROR ? "the command could not be run" : "sudo failed",
+                 strerror(status));
+    } else {
+        ss_json_str(&j, "result", result);
+        copy(reason, sizeof reason, "sudo reported no exit status");
+    }
+    common_fields(&j, st.target[0] ? st.target : NULL);
+    ss_json_str(&j, "sudo_id", st.accepted_id);
+    if (ss_json_strn(&j, "command", st.command, 1024) || st.command_cut)
+        ss_json_bool(&j, "truncated", 1);
+    ss_json_int(&j, "duration_ms", ms < 0 ? 0 : ms);
+    if (reason[0])
+        ss_json_str(&j, "reason", reason);
+    if (ss_json_end(&j) == 0)
+        append(&j, "sudo_exit");
+    st.accepted_id[0] = '\0';
 }
 
 static int audit_accept(const char *plugin_name, unsigned int plugin_type, char *const command_info[],

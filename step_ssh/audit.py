@@ -34,7 +34,7 @@ DROPPED = "dropped"
 DEFAULT_SPOOL_DIR = Path("/var/lib/step-ssh/spool")  # compiled into the PAM module and the sudo plugin
 DEFAULT_SPOOL_MAX = 64 << 20
 
-TYPES = ("session_open", "session_close", "sudo", "login_denied", "home_created", "access_changed",
+TYPES = ("session_open", "session_close", "sudo", "sudo_exit", "login_denied", "home_created", "access_changed",
          "audit_dropped")
 RESULTS = ("success", "denied", "failure")
 MAX_LINE = 64 * 1024        # a line longer than this is garbage, whatever it holds

@@ -81,7 +81,7 @@ def test_login_and_sudo_reach_the_control_plane(running_server, tmp_path):  # no
         # arrives before it has subscribed comes as backlog (--since), the rest as followed
         now = dt.datetime.now(dt.timezone.utc).isoformat()  # after the access_changed events above
         tail = subprocess.Popen([sys.executable, "-c", "from step_ssh.ctl import main; main()", "--profile",
-                                 str(s.profile), "audit", "tail", "--since", now, "--count", "4", "--user", "alice",
+                                 str(s.profile), "audit", "tail", "--since", now, "--count", "5", "--user", "alice",
                                  "--json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -106,9 +106,9 @@ def test_login_and_sudo_reach_the_control_plane(running_server, tmp_path):  # no
         def session_types(evs):
             return [x.type for x in evs if x.type != "access_changed"]
 
-        evs = wait_events(s, lambda e: session_types(e) == ["home_created", "session_open", "sudo", "session_close"],
-                          host="app1", user="alice")
-        home, opened, sudo, closed = [e for e in evs if e.type != "access_changed"]
+        evs = wait_events(s, lambda e: session_types(e) == ["home_created", "session_open", "sudo", "sudo_exit",
+                                                             "session_close"], host="app1", user="alice")
+        home, opened, sudo, sudo_exit, closed = [e for e in evs if e.type != "access_changed"]
         for e in evs:
             assert e.host_id == host_id and e.hostname == "app1" and len(e.id) == 26
         assert opened.service == "sshd" and opened.remote_host == "127.0.0.1" and opened.result == "success"
@@ -117,10 +117,14 @@ def test_login_and_sudo_reach_the_control_plane(running_server, tmp_path):  # no
         assert json.loads(home.extra_json)["home"] == "/home/alice"
         assert sudo.result == "success" and sudo.command == "/usr/bin/id -u" and sudo.target_user == "root"
         assert sudo.cwd == "/tmp" and sudo.service == "sudo" and sudo.uid == opened.uid
+        # the command's end, linked to its start; exit status and duration in the extra fields
+        assert sudo_exit.result == "success" and sudo_exit.command == sudo.command
+        extra = json.loads(sudo_exit.extra_json)
+        assert extra["sudo_id"] == sudo.id and extra["exit_status"] == 0 and extra["duration_ms"] >= 0
         # one session: the PAM session id, exported to the shell, carried by sudo
         assert opened.session_id == closed.session_id == home.session_id == sudo.session_id != ""
         assert opened.time_us <= sudo.time_us <= closed.time_us
-        assert closed.id > sudo.id > opened.id  # ULIDs sort by time
+        assert closed.id > sudo_exit.id > sudo.id > opened.id  # ULIDs sort by time
         if opened.audit_session:  # the kernel's audit session, when pam_loginuid could set it
             assert sudo.audit_session == opened.audit_session
 
@@ -157,17 +161,19 @@ def test_login_and_sudo_reach_the_control_plane(running_server, tmp_path):  # no
         assert rows[0]["hostname"] == "app1" and rows[0]["session_id"] == opened.session_id
         text = s.ctl("audit", "list", "--host", "app1", "--type", "sudo").stdout
         assert "as root in /tmp: /usr/bin/id -u" in text and "app1" in text
+        text = s.ctl("audit", "list", "--host", "app1", "--type", "sudo_exit").stdout
+        assert "exit 0, 0." in text and ": /usr/bin/id -u" in text
 
         # the tail saw alice's events as they arrived
         out, err = tail.communicate(timeout=20)
         assert tail.returncode == 0, err
         got = [json.loads(line) for line in out.splitlines()]
-        assert [g["type"] for g in got] == ["home_created", "session_open", "sudo", "session_close"]
+        assert [g["type"] for g in got] == ["home_created", "session_open", "sudo", "sudo_exit", "session_close"]
         assert got[2]["command"] == "/usr/bin/id -u" and got[2]["extra"]["host"]
 
         # every event also went to the system log as one JSON line
         logged = {e["id"] for e in lh.syslog_events()}
-        assert {home.id, opened.id, sudo.id, closed.id, denied.id, refused.id} <= logged
+        assert {home.id, opened.id, sudo.id, sudo_exit.id, closed.id, denied.id, refused.id} <= logged
         st = agent.status()
         assert st["audit"]["last_error"] is None and st["audit"]["counters"]["skipped"] == 0
     finally:

@@ -9,6 +9,7 @@ the bastion flag and gives jack `jump`, and a target where jack has `ssh`.
 """
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -119,11 +120,45 @@ def test_home_that_cannot_be_made_safely_means_no_session(site, keys):
 
 
 def test_sudo_user_gets_root(site, keys):
-    r = site.ssh("alice", "id -G; sudo -n id -u", "alice", keys.cert("alice", ["alice@example.com"]))
+    before = len(site.events())
+    r = site.ssh("alice", "id -G; sudo -n id -u; sudo -n /bin/false; sudo -n /bin/sh -c 'kill -TERM $$'; "
+                 "sudo -n /etc/hostname; true", "alice", keys.cert("alice", ["alice@example.com"]))
     groups, uid = ok(r).split("\n")[:2]
     assert "69999" in groups.split()  # the synthesized step-sudo group
     assert uid == "0"
+    # each accepted command: a `sudo` event before it runs, a `sudo_exit` when it ends
+    evs = [e for e in site.events()[before:] if e["type"] in ("sudo", "sudo_exit")]
+    assert [e["type"] for e in evs] == ["sudo", "sudo_exit"] * 4
+    starts, exits = evs[0::2], evs[1::2]
+    for st, ex in zip(starts, exits):
+        assert ex["sudo_id"] == st["id"] < ex["id"] and ex["command"] == st["command"]
+        assert ex["user"] == "alice" and ex["target_user"] == "root" and ex["pid"] == st["pid"]
+        assert ex["session_id"] == st["session_id"] and ex["duration_ms"] >= 0
+    # /etc/hostname is not executable: sudo reports that as exit status 127, as a shell would
+    assert [(e["result"], e.get("exit_status"), e.get("signal")) for e in exits] == \
+        [("success", 0, None), ("failure", 1, None), ("failure", None, 15), ("failure", 127, None)]
+    assert exits[2]["reason"] == "killed by SIGTERM" and "reason" not in exits[0]
 
+
+
+def test_sudo_audit_plugin_under_valgrind(site):
+    """The plugin runs inside sudo: no memory error in accept, close and reject."""
+    if not shutil.which("valgrind"):
+        pytest.fail("valgrind is not installed (scripts/setup.sh installs it)")
+    h = site.host
+    before = len(site.events())
+    # valgrind will not run a setuid binary; a plain copy run by root is sudo all the same
+    h.run(["install", "-m", "0755", "/usr/bin/sudo", "/run/sudo-plain"], check=True)
+    vg = ["valgrind", "-q", "--error-exitcode=99", "--run-libc-freeres=no", "/run/sudo-plain", "-n"]
+    for args, rc in ((["/bin/sh", "-c", "exit 3"], 3), (["-u", "nobody", "/bin/true"], 0),
+                     (["/nonexistent"], 1)):
+        r = h.run(vg + args)
+        assert r.returncode == rc and "==" not in r.stderr, f"{args}: {r.stderr}"
+    got = [(e["type"], e["result"], e.get("exit_status"), e.get("target_user"))
+           for e in site.events()[before:] if e["type"].startswith("sudo")]
+    assert got[:4] == [("sudo", "success", None, "root"), ("sudo_exit", "failure", 3, "root"),
+                       ("sudo", "success", None, "nobody"), ("sudo_exit", "success", 0, "nobody")]
+    assert [g[:2] for g in got[4:]] == [("sudo", "denied")]  # command not found: rejected, no sudo_exit
 
 def test_sudo_checks_access_again_in_pam(site):
     h = site.host

@@ -658,6 +658,14 @@ def _event_row(e) -> list:
     if e.type == "sudo":
         what = (f"as {e.target_user} " if e.target_user else "") + f"in {e.cwd or '?'}: {e.command}" \
             + (f" ({e.reason})" if e.reason else "")
+    elif e.type == "sudo_exit":
+        try:
+            extra = json.loads(e.extra_json or "{}")
+        except ValueError:
+            extra = {}
+        status = e.reason or (f"exit {extra['exit_status']}" if "exit_status" in extra else "")
+        took = f", {extra['duration_ms'] / 1000:.1f} s" if isinstance(extra.get("duration_ms"), (int, float)) else ""
+        what = f"{status}{took}: {e.command}"
     elif e.type == "home_created":
         try:
             what = json.loads(e.extra_json or "{}").get("home", "")
