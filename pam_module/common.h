@@ -23,9 +23,12 @@ int ss_principal_ok(const char *p);
 
 /* Options prepended to a jump-only user's principals on a bastion: port
  * forwarding only (restrict turns off pty, agent and X11 forwarding and
- * ~/.ssh/rc), and any command or shell request runs this message instead. */
+ * ~/.ssh/rc), and any command or shell request runs this message instead.
+ * ssh -J needs local forwards only; `permitlisten` can't say "none", so it
+ * names the one listener allowed on a host under the reserved .invalid TLD
+ * (RFC 6761: never resolves), which no -R request can ever bind. */
 #define SS_JUMP_OPTIONS                                                                  \
-    "restrict,port-forwarding,"                                                          \
+    "restrict,port-forwarding,permitlisten=\"no-remote-forwarding.invalid:1\","         \
     "command=\"echo 'step-ssh: this account may only jump through this host (ssh -J)' " \
     ">&2; exit 1\""
 

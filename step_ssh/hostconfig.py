@@ -26,6 +26,8 @@ from pathlib import Path
 from string import Template
 from typing import Iterable, Mapping, Optional, Sequence
 
+from step_ssh.limits import JUMP_GROUP
+
 MARK_BEGIN = "# BEGIN step-ssh (managed by step-ssh activate; do not edit)"
 MARK_END = "# END step-ssh"
 
@@ -39,6 +41,9 @@ SSHD_DROPIN_PATH = "/etc/ssh/sshd_config.d/10-step-ssh.conf"
 # sessions on a bastion must come from a certificate signed by one of these)
 USER_CA_KEYS_PATH = "/var/lib/step-ssh/trusted-user-ca-keys"
 SUDOERS_PATH = "/etc/sudoers.d/step-ssh"
+# what a jump-only user's shell or command request runs instead (the same
+# message as the principals helper's forced command, pam_module/common.h)
+JUMP_MESSAGE_COMMAND = "echo 'step-ssh: this account may only jump through this host (ssh -J)' >&2; exit 1"
 SUDOERS_MODE = 0o440
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -119,7 +124,14 @@ def sshd_dropin(principals_command: str | Path, ca_keys_file: str | Path = USER_
     """sshd_config.d drop-in: certificates from the fleet CA, principals from
     the cache. `extra` adds directives (tests: ListenAddress, HostKey, ...).
     sshd takes the first value it reads, and Debian includes sshd_config.d at
-    the top of sshd_config, so these win over the main file."""
+    the top of sshd_config, so these win over the main file.
+
+    The `Match Group` block comes last (it runs to the end of this file; sshd
+    9.x ends a Match at the end of an included file): jump-only users on a
+    bastion, members of the synthesized step-jump group, may open local
+    forwards (ssh -J) and nothing else — no remote or Unix-socket forwards,
+    which no authorized_principals option can forbid. Elsewhere the group is
+    absent and the block matches nobody."""
     cmd = str(principals_command)
     if not cmd.startswith("/") or any(c.isspace() for c in cmd):
         raise ValueError(f"principals command must be an absolute path without spaces: {cmd!r}")
@@ -134,6 +146,19 @@ def sshd_dropin(principals_command: str | Path, ca_keys_file: str | Path = USER_
     ]
     for k, v in (extra or {}).items():
         lines.append(f"{k} {v}")
+    lines += [
+        "",
+        "# jump-only users on a bastion: forward to hosts behind it (ssh -J), nothing else",
+        f"Match Group {JUMP_GROUP}",
+        "    AllowTcpForwarding local",
+        "    AllowStreamLocalForwarding no",
+        "    AllowAgentForwarding no",
+        "    X11Forwarding no",
+        "    PermitTunnel no",
+        "    PermitTTY no",
+        "    PermitUserRC no",
+        f"    ForceCommand {JUMP_MESSAGE_COMMAND}",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -17,3 +17,7 @@ DEFAULT_MAX_STALE = 24 * 3600
 PRINCIPAL_RE = re.compile(r"^[^\s,\x00-\x1f\x7f]{1,256}$")
 DEFAULT_SUDO_GROUP = "step-sudo"
 DEFAULT_SUDO_GID = 69999
+# On a bastion, jump-only users are members of this synthesized group, which
+# the sshd drop-in's `Match Group` confines to local forwarding (docs/login.md).
+JUMP_GROUP = "step-jump"
+JUMP_GID = 69998

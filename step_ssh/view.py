@@ -17,6 +17,8 @@ from step_ssh.limits import (  # noqa: F401  (re-exported: the models' public ru
     DEFAULT_MIN_ID,
     DEFAULT_SUDO_GID,
     DEFAULT_SUDO_GROUP,
+    JUMP_GID,
+    JUMP_GROUP,
     MAX_ID,
     NAME_MAX,
     NAME_RE,
@@ -141,6 +143,14 @@ class HostView(_Strict):
     groups: list[Group] = Field(default_factory=list)
     ssh_user_ca_keys: list[str] = Field(default_factory=list)
 
+    def synthesized_groups(self) -> list["Group"]:
+        """The groups the cache adds to the directory's: the sudo group, and on
+        a bastion the jump group (members are filled in by the writer)."""
+        out = [Group(name=self.sudo_group.name, gid=self.sudo_group.gid)]
+        if self.bastion:
+            out.append(Group(name=JUMP_GROUP, gid=JUMP_GID))
+        return out
+
     @model_validator(mode="after")
     def _consistent(self) -> "HostView":
         errors = []
@@ -155,7 +165,7 @@ class HostView(_Strict):
             uids[u.uid] = u.name
         gnames: dict[str, int] = {}
         gids: dict[int, str] = {}
-        for g in self.groups + [Group(name=self.sudo_group.name, gid=self.sudo_group.gid)]:
+        for g in self.groups + self.synthesized_groups():
             if g.name in gnames:
                 errors.append(f"group {g.name}: listed twice")
             gnames[g.name] = g.gid

@@ -120,8 +120,11 @@ def test_publish_is_atomic_and_mode_explicit(tmp_path):
 
 def test_header_fields(example_view):
     h = Header.parse(build(example_view.model_copy(update={"confirmed_at": 1234, "bastion": True}), now=99))
-    assert (h.revision, h.confirmed_at, h.generated_at, h.n_users, h.n_groups) == (7, 1234, 99, 3, 4)
+    # groups: developers, oncall, step-sudo and, on a bastion, step-jump
+    assert (h.revision, h.confirmed_at, h.generated_at, h.n_users, h.n_groups) == (7, 1234, 99, 3, 5)
     assert h.flags == 1 and h.max_stale == 86400
+    h = Header.parse(build(example_view, now=99))
+    assert (h.n_groups, h.flags) == (4, 0)
 
 
 def test_build_is_deterministic(example_view):

@@ -331,10 +331,31 @@ def test_jump_user_gets_no_shell_command_or_pty_on_the_bastion(jump_site):
     r = bastion.host.run(base + ["-tt", "jack@127.0.0.1"], input="")
     assert r.returncode != 0 and "bastion" not in r.stdout
     assert bastion.host.run("test -e /home/jack").returncode != 0
-    # PAM let the connection in (jump on a bastion), the principals line
-    # restricted it: the forced command is what ran.
-    assert "forced-command (key-option)" in bastion.sshd_output()
+    # PAM let the connection in (jump on a bastion); the drop-in's Match
+    # Group step-jump block forced the command (it overrides the principals
+    # line's command=, which says the same)
+    assert "forced-command (config)" in bastion.sshd_output()
 
+
+def test_jump_user_cannot_open_remote_forwards_on_the_bastion(jump_site):
+    """-J needs local TCP forwarding only: listeners on the bastion (-R, TCP or
+    Unix socket) are refused. The Unix socket one shows the drop-in's Match
+    Group block at work: no principals option can forbid it."""
+    bastion, _, cfg = jump_site
+    assert ok(bastion.host.run(["id", "-Gn", "jack"])).split() == ["jack", "step-jump"]
+    base = ["timeout", "10", "ssh", "-F", str(cfg), "-p", str(bastion.port), "-N",
+            "-o", "ExitOnForwardFailure=yes"]
+    bastion.host.run("rm -f /tmp/jack-fwd.sock", check=True)
+    for spec in ("127.0.0.1:40222:127.0.0.1:22", "0:127.0.0.1:22", "40223:127.0.0.1:22",
+                 "no-remote-forwarding.invalid:1:127.0.0.1:22", "/tmp/jack-fwd.sock:127.0.0.1:22"):
+        r = bastion.host.run(base + ["-R", spec, "jack@127.0.0.1"])
+        assert r.returncode == 255 and "remote port forwarding failed" in r.stderr, (spec, r.returncode, r.stderr)
+    assert bastion.host.run("test -e /tmp/jack-fwd.sock").returncode != 0
+    # bob holds a grant on the bastion: his remote forwards work (timeout ends the -N session)
+    r = bastion.host.run(["timeout", "3", "ssh", "-F", str(cfg), "-o", f"CertificateFile={bastion.keys.cert('bob', ['bob'])}",
+                          "-o", f"IdentityFile={bastion.keys.key('bob')}", "-p", str(bastion.port), "-N",
+                          "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:40224:127.0.0.1:22", "bob@127.0.0.1"])
+    assert r.returncode == 124, r.stderr
 
 def test_users_with_a_grant_on_the_bastion_get_a_shell_there(jump_site, keys):
     bastion, _, _ = jump_site

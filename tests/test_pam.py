@@ -377,8 +377,8 @@ def test_principals_for_each_kind_of_account(lh):
     assert p("mallory") == ""
     lh.publish(view_with(VIEW, bastion=True))
     assert p("jack", "70006") == (
-        "restrict,port-forwarding,command=\"echo 'step-ssh: this account may only jump through "
-        "this host (ssh -J)' >&2; exit 1\" jack\n")
+        "restrict,port-forwarding,permitlisten=\"no-remote-forwarding.invalid:1\","
+        "command=\"echo 'step-ssh: this account may only jump through this host (ssh -J)' >&2; exit 1\" jack\n")
     assert p("bob", "70002") == "bob\n"  # a grant on the bastion itself: unrestricted
 
 

@@ -21,14 +21,17 @@ ids = st.integers(min_value=1000, max_value=2**32 - 2)
 
 @st.composite
 def views(draw):
-    unames = draw(st.lists(names, unique=True, max_size=25))
+    unames = draw(st.lists(names.filter(lambda n: n not in ("step-sudo", "step-jump")), unique=True, max_size=25))
     uids = draw(st.lists(ids, unique=True, min_size=len(unames), max_size=len(unames)))
-    gnames = draw(st.lists(names.filter(lambda n: n not in unames and n != "step-sudo"), unique=True, max_size=15))
-    gids = draw(st.lists(ids.filter(lambda g: g != 69999), unique=True, min_size=len(gnames), max_size=len(gnames)))
+    # (step-sudo / 69999 and step-jump / 69998 are the synthesized groups)
+    gnames = draw(st.lists(names.filter(lambda n: n not in unames and n not in ("step-sudo", "step-jump")),
+                           unique=True, max_size=15))
+    gids = draw(st.lists(ids.filter(lambda g: g not in (69998, 69999)), unique=True, min_size=len(gnames),
+                         max_size=len(gnames)))
     users = []
     for n, u in zip(unames, uids):
         gid = draw(st.sampled_from(gids)) if gids and draw(st.booleans()) else u
-        if gid == 69999:
+        if gid in (69998, 69999):
             gid = u
         users.append({"name": n, "uid": u, "gid": gid, "gecos": draw(text), "home": draw(paths),
                       "shell": draw(paths), "principals": draw(st.lists(principal, max_size=4)),
@@ -36,7 +39,7 @@ def views(draw):
     groups = [{"name": n, "gid": g, "members": draw(st.lists(st.sampled_from(unames), unique=True)) if unames else []}
               for n, g in zip(gnames, gids)]
     # a user-private group name must not collide with a directory group
-    taken = {g["gid"] for g in groups} | {69999}
+    taken = {g["gid"] for g in groups} | {69998, 69999}
     if any(u["gid"] not in taken and u["name"] in gnames for u in users):
         groups = []
         for u in users:

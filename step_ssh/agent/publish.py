@@ -32,6 +32,8 @@ from step_ssh.limits import (
     DEFAULT_MAX_STALE,
     DEFAULT_SUDO_GID,
     DEFAULT_SUDO_GROUP,
+    JUMP_GID,
+    JUMP_GROUP,
     MAX_ID,
     NAME_MAX,
     NAME_RE,
@@ -43,6 +45,7 @@ _NAME_OK = NAME_RE.match
 _PRINCIPAL_OK = PRINCIPAL_RE.match
 _BAD_FIELD = re.compile(r"[:\n\r\x00]").search
 _ACCESS_SUDO = pb.ACCESS_SUDO
+_ACCESS_JUMP = pb.ACCESS_JUMP
 _ACCESS_VALID = frozenset((pb.ACCESS_NONE, pb.ACCESS_SSH, pb.ACCESS_SUDO, pb.ACCESS_JUMP))
 # an OpenSSH public key line: type, base64 blob, optional comment
 _SSH_KEY = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)(-cert-v01@openssh\.com)? "
@@ -238,12 +241,18 @@ class _Build:
         if not 0 < sgid <= MAX_ID:
             bad.append(f"sudo group {sname}: gid {sgid} is out of range")
         bad += [f"sudo group {sname}: {w}" for w in group_conflicts(sname, sgid, local, min_id)]
-        if bad:
-            raise ViewRejected(bad + ["the sudo group is a host setting: fix it at the control plane "
-                                      "(nothing was published; the previous cache stays)"])
-        keep = []
         names = {sname: sgid}
         gids = {sgid: sname}
+        if self.view.settings.bastion:
+            bad += [f"jump group {JUMP_GROUP}: {w}" for w in group_conflicts(JUMP_GROUP, JUMP_GID, local, min_id)]
+            if JUMP_GROUP == sname or JUMP_GID == sgid:
+                bad.append(f"sudo group {sname} ({sgid}) collides with the jump group {JUMP_GROUP} ({JUMP_GID})")
+            names[JUMP_GROUP] = JUMP_GID
+            gids[JUMP_GID] = JUMP_GROUP
+        if bad:
+            raise ViewRejected(bad + ["the sudo and jump groups are host settings: fix them at the control "
+                                      "plane or on this host (nothing was published; the previous cache stays)"])
+        keep = []
         for g in self.view.iter_groups():
             name, gid = g.name, g.gid
             why = _name_problem(name)
@@ -285,6 +294,7 @@ class _Build:
         uids = array("I")
         primary = array("I")
         sudoers = array("I")
+        jumpers = array("I")
         pool = array("I")        # principals now; gids and members appended later
         urecs = array("I")
         dropped: set[str] = set()
@@ -368,6 +378,8 @@ class _Build:
             primary.append(gid)
             if access == _ACCESS_SUDO:
                 sudoers.append(i)
+            elif access == _ACCESS_JUMP:
+                jumpers.append(i)
             if gecos:
                 goff = len(strings)
                 strings += gecos.encode()
@@ -430,6 +442,9 @@ class _Build:
             kept_groups.append((g.name, g.gid, _group_name_off(g.name, names, name_off, strings)))
         member_lists.append(sudoers)
         kept_groups.append((sudo[0], sudo[1], _group_name_off(sudo[0], names, name_off, strings)))
+        if view.settings.bastion:
+            member_lists.append(jumpers)
+            kept_groups.append((JUMP_GROUP, JUMP_GID, _group_name_off(JUMP_GROUP, names, name_off, strings)))
         del names, find, dropped, seen
 
         if not dup_uids and n > 1:

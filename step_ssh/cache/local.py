@@ -73,8 +73,9 @@ def check_against_local(view: HostView, local: LocalAccounts, min_id: int = DEFA
             problems.append(f"user {u.name}: uid {u.uid} is below the minimum {min_id}")
         if u.gid < min_id:
             problems.append(f"user {u.name}: gid {u.gid} is below the minimum {min_id}")
-    named = {g.gid for g in view.groups} | {view.sudo_group.gid}
-    groups = [(g.name, g.gid) for g in view.groups] + [(view.sudo_group.name, view.sudo_group.gid)]
+    synthesized = view.synthesized_groups()
+    named = {g.gid for g in view.groups + synthesized}
+    groups = [(g.name, g.gid) for g in view.groups + synthesized]
     # user-private groups the writer will synthesize must be free too
     groups += [(u.name, u.gid) for u in view.users if u.gid not in named]
     for name, gid in groups:
@@ -104,20 +105,16 @@ def drop_conflicts(
       has) would collide with a local group;
     - dropped users are removed from every group's members.
 
-    The sudo group is a host setting, not an entry: when it collides, nothing
-    can be dropped to fix it and ViewRejected is raised.
+    The sudo group (and on a bastion the jump group) is a host setting, not
+    an entry: when it collides, nothing can be dropped to fix it and
+    ViewRejected is raised.
     """
     problems: list[str] = []
-    sg = view.sudo_group
-    sudo_bad = []
-    if sg.name in local.group_names:
-        sudo_bad.append(f"sudo group {sg.name}: name is a local group (gid {local.group_names[sg.name]})")
-    if sg.gid in local.gids:
-        sudo_bad.append(f"sudo group {sg.name}: gid {sg.gid} belongs to local group {local.gids[sg.gid]}")
-    if sg.gid < min_id:
-        sudo_bad.append(f"sudo group {sg.name}: gid {sg.gid} is below the minimum {min_id}")
-    if sudo_bad:
-        raise ViewRejected(sudo_bad)
+    synthesized = view.synthesized_groups()
+    bad = [f"{what} group {g.name}: {w}" for what, g in zip(("sudo", "jump"), synthesized)
+           for w in group_conflicts(g.name, g.gid, local, min_id)]
+    if bad:
+        raise ViewRejected(bad)
 
     groups = []
     for g in view.groups:
@@ -126,7 +123,7 @@ def drop_conflicts(
             problems.append(f"group {g.name!r} (gid {g.gid}) dropped: " + "; ".join(why))
         else:
             groups.append(g)
-    named = {g.gid for g in groups} | {sg.gid}
+    named = {g.gid for g in groups + synthesized}
     users = []
     for u in view.users:
         why = user_conflicts(u.name, u.uid, u.gid, local, min_id)

@@ -22,6 +22,7 @@ from step_ssh.cache.format import (
 )
 from step_ssh.cache.replace import publish_bytes, retire  # noqa: F401  (re-exported)
 from step_ssh.cache.local import LocalAccounts, ViewRejected, check_against_local
+from step_ssh.limits import JUMP_GID, JUMP_GROUP
 from step_ssh.view import ACCESS_CODES, DEFAULT_MIN_ID, Access, Group, HostView
 
 
@@ -43,11 +44,15 @@ class _Strings:
 
 
 def effective_groups(view: HostView) -> list[Group]:
-    """The groups as served: the directory's, the sudo group, then a
-    user-private group for every primary gid no group has."""
+    """The groups as served: the directory's, the sudo group, on a bastion
+    the jump group, then a user-private group for every primary gid no group
+    has."""
     groups = list(view.groups)
     sudoers = [u.name for u in view.users if u.access == Access.sudo]
     groups.append(Group(name=view.sudo_group.name, gid=view.sudo_group.gid, members=sudoers))
+    if view.bastion:
+        jumpers = [u.name for u in view.users if u.access == Access.jump]
+        groups.append(Group(name=JUMP_GROUP, gid=JUMP_GID, members=jumpers))
     have = {g.gid for g in groups}
     for u in view.users:
         if u.gid not in have:

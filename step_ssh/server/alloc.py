@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Optional
 
+from step_ssh.limits import JUMP_GID
 from step_ssh.server.config import ServerConfig
 from step_ssh.server.rules import RuleError, check_id_range
 from step_ssh.view import MAX_ID
@@ -33,7 +34,7 @@ class Claim:
 def reserved(cfg: ServerConfig, kind: str) -> set[int]:
     r = set(cfg.reserved_ids)
     if kind == "gid":
-        r.add(cfg.sudo_group.gid)
+        r.update((cfg.sudo_group.gid, JUMP_GID))
     return r
 
 

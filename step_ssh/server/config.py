@@ -7,6 +7,7 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from step_ssh.limits import JUMP_GID, JUMP_GROUP
 from step_ssh.view import MAX_ID, SudoGroup
 
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -49,6 +50,9 @@ class ServerConfig(BaseModel):
             raise ValueError(f"alloc_min {self.alloc_min} is below min_id {self.min_id} (the system range)")
         if self.alloc_min > self.alloc_max:
             raise ValueError("alloc_min must not exceed alloc_max")
+        if self.sudo_group.name == JUMP_GROUP or self.sudo_group.gid == JUMP_GID:
+            raise ValueError(f"sudo_group: {JUMP_GROUP} / gid {JUMP_GID} is the group step-ssh synthesizes for "
+                             "jump-only users on bastions; choose another name and gid")
         if self.ssh_cert_default_ttl > self.ssh_cert_max_ttl:
             raise ValueError("ssh_cert_default_ttl must not exceed ssh_cert_max_ttl")
         if self.scim_listen is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from step_ssh import pki
+from step_ssh.limits import JUMP_GROUP
 from step_ssh.server import alloc
 from step_ssh.server.config import ServerConfig
 from step_ssh.server.rules import (RuleError, check_account_name, check_hostname, check_path,
@@ -509,6 +510,9 @@ class Store:
         warnings = []
         if g.name == self.cfg.sudo_group.name:
             raise invalid(f"group name {g.name!r} is reserved for the sudo group that step-ssh synthesizes on hosts")
+        if g.name == JUMP_GROUP:
+            raise invalid(f"group name {g.name!r} is reserved for the group of jump-only users that step-ssh "
+                          "synthesizes on bastions")
         u = self._user(g.name)
         if u is not None and self._group_by_gid(u["gid"]) is None:
             # User NAME has a private group NAME on hosts; a real group of that

@@ -30,6 +30,7 @@ from scim2_models import (Context, InvalidValueException, MutabilityException, N
                           PatchOperation, SCIMException, UniquenessException)
 from scim2_models.path import FilterNode
 
+from step_ssh.limits import JUMP_GROUP
 from step_ssh.server import log
 from step_ssh.server.rules import RuleError, check_account_name
 from step_ssh.server.scim import schema as S
@@ -150,7 +151,7 @@ class Directory:
     # ---- helpers ------------------------------------------------------------------
 
     def _taken(self, name: str) -> bool:
-        return name == self.store.cfg.sudo_group.name or self.conn.execute(
+        return name in (self.store.cfg.sudo_group.name, JUMP_GROUP) or self.conn.execute(
             "SELECT 1 FROM users WHERE name=? UNION ALL SELECT 1 FROM groups WHERE name=?",
             (name, name)).fetchone() is not None
 
@@ -159,9 +160,9 @@ class Directory:
             check_account_name(name, what)
         except RuleError as e:
             raise InvalidValueException(detail=f"{attr}: {e}") from None
-        if name == self.store.cfg.sudo_group.name:
-            raise InvalidValueException(detail=f"{attr}: {name!r} is reserved for the sudo group step-ssh "
-                                               "synthesizes on hosts")
+        if name in (self.store.cfg.sudo_group.name, JUMP_GROUP):
+            raise InvalidValueException(detail=f"{attr}: {name!r} is reserved for a group step-ssh "
+                                               "synthesizes on hosts (sudo users, jump-only users)")
         if self._taken(name):
             raise UniquenessException(detail=f"{attr} {name!r} is already a user's or group's name on this control "
                                              "plane; choose another or leave it out to derive one")
