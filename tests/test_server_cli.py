@@ -100,3 +100,48 @@ def test_run_refuses_a_busy_port_and_logs_json(module_server):
     assert any(rec["msg"] == "cannot start" and rec["level"] == "error" for rec in recs), r.stderr
     r = server_cmd("run", "--dir", str(s.base / "nowhere"))
     assert r.returncode == 1 and "step-ssh-server init" in r.stderr
+
+
+def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, tmp_path):
+    s = module_server
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for out in (a, b):
+        r = run_cli("profile", "--dir", str(s.dir), "--name", "leaver", "--out", str(out), "--server", s.address)
+        assert r.exit_code == 0, r.output
+    serial_a = pki.serial_hex(pki.load_cert(yaml_cert(a)))
+
+    def listed():
+        r = run_cli("profiles", "--dir", str(s.dir), "--json")
+        assert r.exit_code == 0, r.output
+        return {(x["name"], x["serial"]): x["status"] for x in json.loads(r.stdout)}
+
+    mine = {k: v for k, v in listed().items() if k[0] == "leaver"}
+    assert len(mine) == 2 and set(mine.values()) == {"valid"} and ("leaver", serial_a) in mine
+    assert "admin" in {k[0] for k in listed()}  # the profile `init` wrote
+    assert s.ctl("--profile", str(a), "user", "list").exit_code == 0
+
+    r = run_cli("revoke-profile", "--dir", str(s.dir), "--serial", serial_a)
+    assert r.exit_code == 0 and f"revoked admin leaver certificate {serial_a}" in r.output
+    r = s.ctl("--profile", str(a), "user", "list")
+    assert r.exit_code != 0 and f"(serial {serial_a}) was revoked at" in r.output, r.output
+    assert s.ctl("--profile", str(b), "user", "list").exit_code == 0  # the other one still works
+
+    r = run_cli("revoke-profile", "--dir", str(s.dir), "--name", "leaver", "--json")
+    assert r.exit_code == 0 and [x["name"] for x in json.loads(r.stdout)] == ["leaver"]  # only b was live
+    assert s.ctl("--profile", str(b), "user", "list").exit_code != 0
+    assert set(v for k, v in listed().items() if k[0] == "leaver") == {"revoked"}
+    r = run_cli("revoke-profile", "--dir", str(s.dir), "--name", "leaver")
+    assert r.exit_code == 0 and "already revoked; nothing changed" in r.output
+    assert s.ctl("user", "list").exit_code == 0  # everyone else is unaffected
+
+    r = server_cmd("revoke-profile", "--dir", str(s.dir), "--name", "nobody-here")
+    assert r.returncode == 3 and "no admin certificate issued to 'nobody-here'" in r.stderr
+    r = server_cmd("revoke-profile", "--dir", str(s.dir))
+    assert r.returncode == 2 and "exactly one of --name or --serial" in r.stderr
+    text = server_cmd("profiles", "--dir", str(s.dir)).stdout
+    assert text.splitlines()[0].split() == ["NAME", "SERIAL", "ISSUED", "EXPIRES", "STATUS"] and "revoked" in text
+
+
+def yaml_cert(path) -> bytes:
+    import yaml
+    return yaml.safe_load(path.read_text())["cert"].encode()

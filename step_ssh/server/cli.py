@@ -1,4 +1,4 @@
-"""`step-ssh-server`: init | run | token | profile (docs/control-plane.md)."""
+"""`step-ssh-server`: init | run | token | profile | profiles | revoke-profile (docs/control-plane.md)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 import yaml
@@ -281,6 +282,75 @@ def profile(dir_: Path, name, out, server, days) -> None:
     write_admin_profile(sd, out, name, server or profile_address(cfg.listen, []), days)
     click.echo(f"wrote {out} (secret, mode 0600)")
 
+
+
+def _open_store(dir_: Path):
+    from step_ssh.server.store import Store
+    sd = ServerDir(dir_)
+    try:
+        sd.check()
+        cfg = sd.load_config()
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    return Store(sd.db, cfg)
+
+
+def _utc(ts: Optional[int]) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else "-"
+
+
+@main.command()
+@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def profiles(dir_: Path, as_json: bool) -> None:
+    """List the admin profiles (certificates) this control plane issued."""
+    import time
+    st = _open_store(dir_)
+    try:
+        rows = st.admin_certs()
+    finally:
+        st.close()
+    now = int(time.time())
+    for r in rows:
+        r["status"] = "revoked" if r["revoked_at"] else ("expired" if r["not_after"] < now else "valid")
+        r["name"] = r.pop("subject")
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    table = [["NAME", "SERIAL", "ISSUED", "EXPIRES", "STATUS"]]
+    table += [[r["name"], r["serial"], _utc(r["issued_at"]), _utc(r["not_after"]),
+               r["status"] + (f" {_utc(r['revoked_at'])}" if r["revoked_at"] else "")] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@main.command("revoke-profile")
+@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Revoke every certificate issued to this admin.")
+@click.option("--serial", default=None, help="Revoke the certificate with this serial (see `profiles`).")
+@click.option("--json", "as_json", is_flag=True)
+def revoke_profile(dir_: Path, name: Optional[str], serial: Optional[str], as_json: bool) -> None:
+    """Revoke admin profiles: the running server refuses their certificates
+    from the next call on (no restart). Issue a new one with `profile`."""
+    from step_ssh.server.store import StoreError
+    if (name is None) == (serial is None):
+        _fail("give exactly one of --name or --serial", 2)
+    st = _open_store(dir_)
+    try:
+        done = st.revoke_admin(serial=serial, name=name)
+    except StoreError as e:
+        _fail(e.message, 3 if e.code == "NOT_FOUND" else 1)
+    finally:
+        st.close()
+    if as_json:
+        click.echo(json.dumps(done))
+    elif not done:
+        click.echo("already revoked; nothing changed")
+    else:
+        for d in done:
+            click.echo(f"revoked admin {d['name']} certificate {d['serial']}")
 
 if __name__ == "__main__":
     main()

@@ -107,7 +107,8 @@ def check_id_range(value: int, what: str, min_id: int, reserved: Iterable[int]) 
         raise RuleError(f"{what} {value} is in the system range (below {min_id}); uid/gid 0 and system "
                         f"ids are never managed by step-ssh — omit it to allocate one")
     if value in set(reserved):
-        raise RuleError(f"{what} {value} is reserved (nobody/nogroup, the sudo group or the jump group); choose another or omit it")
+        raise RuleError(f"{what} {value} is reserved (nobody/nogroup, the sudo group or the jump group); "
+                        "choose another or omit it")
     return value
 
 

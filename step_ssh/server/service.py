@@ -144,6 +144,12 @@ class Auth:
         if c.kind != "admin":
             await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
                             f"a host certificate ({c}) cannot call admin RPCs; use an admin profile")
+        revoked = await self.db.run(self.db.store.cert_revoked_at, c.serial)
+        if revoked is not None:
+            when = dt.datetime.fromtimestamp(revoked, dt.timezone.utc).isoformat()
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            f"the admin certificate of {c} (serial {c.serial}) was revoked at {when}; "
+                            "ask for a new profile (`step-ssh-server profile`)")
         return c
 
 

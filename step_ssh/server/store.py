@@ -97,6 +97,10 @@ CREATE TABLE IF NOT EXISTS certs (
     issued_at INTEGER NOT NULL,
     not_after INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cert_revocations (
+    serial TEXT PRIMARY KEY,
+    revoked_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     hostname TEXT NOT NULL,
@@ -179,8 +183,8 @@ CREATE TABLE IF NOT EXISTS scim_token_use (id TEXT PRIMARY KEY, last_used_at INT
 # the "rejections change nothing" tests). host_state/views are sync
 # bookkeeping; hosts.last_seen/applied_revision change on every connect, and
 # scim_token_use.last_used_at on every SCIM request.
-STATE_TABLES = ("meta", "users", "groups", "members", "ids", "grants", "hosts", "certs", "tokens",
-                "user_cas", "changes", "audit", "scim_users", "scim_groups", "scim_tokens")
+STATE_TABLES = ("meta", "users", "groups", "members", "ids", "grants", "hosts", "certs", "cert_revocations",
+                "tokens", "user_cas", "changes", "audit", "scim_users", "scim_groups", "scim_tokens")
 
 
 class StoreError(Exception):
@@ -882,6 +886,43 @@ class Store:
     def record_cert(self, cert_pem_bytes: bytes, kind: str, subject: str) -> str:
         with self._write("cert", "server", bump=False) as t:
             return self._record_cert(t, cert_pem_bytes, kind, subject)[0]
+
+    # ---- admin profiles -----------------------------------------------------------
+
+    def admin_certs(self) -> list[dict]:
+        """Every admin certificate this control plane issued, oldest first."""
+        rows = self.conn.execute(
+            "SELECT c.serial, c.subject, c.issued_at, c.not_after, r.revoked_at FROM certs c "
+            "LEFT JOIN cert_revocations r ON r.serial = c.serial WHERE c.kind = 'admin' "
+            "ORDER BY c.issued_at, c.serial")
+        return [dict(r) for r in rows]
+
+    def revoke_admin(self, *, serial: Optional[str] = None, name: Optional[str] = None) -> list[dict]:
+        """Revoke one admin certificate (by serial) or every live one of an admin
+        (by name). Returns what was revoked now; NOT_FOUND when nothing matches."""
+        now = int(time.time())
+        with self._write("admin_revoke", "server", bump=False) as t:
+            if serial is not None:
+                rows = t.conn.execute("SELECT serial, subject FROM certs WHERE kind='admin' AND serial=?",
+                                      (serial.lower(),)).fetchall()
+                what = f"admin certificate with serial {serial}"
+            else:
+                rows = t.conn.execute("SELECT serial, subject FROM certs WHERE kind='admin' AND subject=?",
+                                      (name,)).fetchall()
+                what = f"admin certificate issued to {name!r}"
+            if not rows:
+                raise not_found(f"no {what} (`step-ssh-server profiles` lists them)")
+            done = []
+            for r in rows:
+                cur = t.conn.execute("INSERT OR IGNORE INTO cert_revocations(serial, revoked_at) VALUES (?,?)",
+                                     (r["serial"], now))
+                if cur.rowcount:
+                    done.append({"serial": r["serial"], "name": r["subject"], "revoked_at": now})
+            return done
+
+    def cert_revoked_at(self, serial: str) -> Optional[int]:
+        row = self.conn.execute("SELECT revoked_at FROM cert_revocations WHERE serial=?", (serial,)).fetchone()
+        return row[0] if row else None
 
     def enroll(self, token: str, csr_pem: bytes, agent_version: str, ca_cert: bytes, ca_key: bytes,
                lifetime: dt.timedelta) -> dict:
