@@ -27,6 +27,16 @@ def _fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
+def _load_dir(dir_: Path):
+    """(ServerDir, ServerConfig) of an initialized server directory, or exit 1 saying what is wrong."""
+    sd = ServerDir(dir_)
+    try:
+        sd.check()
+        return sd, sd.load_config()
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 def split_hostport(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -169,12 +179,7 @@ def run(dir_: Path, listen, heartbeat, scim_listen, log_level) -> None:
     """Serve gRPC over mutual TLS (and SCIM over HTTPS if configured) until
     SIGTERM/SIGINT (JSON logs on stderr)."""
     log.setup(log_level)
-    sd = ServerDir(dir_)
-    try:
-        sd.check()
-        cfg = sd.load_config()
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    sd, cfg = _load_dir(dir_)
     if heartbeat is not None:
         if heartbeat <= 0:
             _fail("--heartbeat must be positive")
@@ -286,12 +291,7 @@ def profile(dir_: Path, name, out, server, days) -> None:
 
 def _open_store(dir_: Path):
     from step_ssh.server.store import Store
-    sd = ServerDir(dir_)
-    try:
-        sd.check()
-        cfg = sd.load_config()
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    sd, cfg = _load_dir(dir_)
     return Store(sd.db, cfg)
 
 
