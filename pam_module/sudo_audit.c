@@ -39,6 +39,7 @@
 #endif
 #define EXPORT __attribute__((visibility("default")))
 #define CMD_MAX 4000 /* bytes of command line kept in an event */
+#define SUDO_EXIT_CMD_MAX 1024 /* sudo_exit repeats the command, shorter: sudo_id links the full one */
 
 static struct {
     char spool[1024];
@@ -168,13 +169,6 @@ static void record(const char *result, const char *reason, char *const command_i
     const char *run_cwd = find(command_info, "cwd");
     char id[SS_ULID_LEN + 1];
     ss_event_begin(&j, "sudo", id);
-    if (strcmp(result, "success") == 0) {
-        copy(st.accepted_id, sizeof st.accepted_id, id);
-        copy(st.command, sizeof st.command, cmd);
-        st.command_cut = cut;
-        copy(st.target, sizeof st.target, target);
-        clock_gettime(CLOCK_MONOTONIC, &st.started);
-    }
     ss_json_str(&j, "result", result);
     common_fields(&j, target);
     ss_json_strn(&j, "cwd", st.cwd, 1024);
@@ -184,14 +178,21 @@ static void record(const char *result, const char *reason, char *const command_i
         ss_json_bool(&j, "truncated", 1);
     if (reason)
         ss_json_strn(&j, "reason", reason, 512);
-    if (ss_json_end(&j) != 0) {
-        ss_event_begin(&j, "sudo", NULL);
+    if (ss_json_end(&j) != 0) { /* too long once escaped: the essentials, under a new id */
+        ss_event_begin(&j, "sudo", id);
         ss_json_str(&j, "result", result);
         ss_json_str(&j, "user", st.user);
         ss_json_str(&j, "target_user", target);
         ss_json_bool(&j, "truncated", 1);
         if (ss_json_end(&j) != 0)
             return;
+    }
+    if (strcmp(result, "success") == 0) { /* what sudo_exit repeats, with the id written */
+        copy(st.accepted_id, sizeof st.accepted_id, id);
+        copy(st.command, sizeof st.command, cmd);
+        st.command_cut = cut;
+        copy(st.target, sizeof st.target, target);
+        clock_gettime(CLOCK_MONOTONIC, &st.started);
     }
     append(&j, "sudo");
 }
@@ -242,6 +243,58 @@ static int audit_open(unsigned int version, sudo_conv_t conversation, sudo_print
     return 1; /* never stop sudo because of auditing */
 }
 
+static const char *signal_name(int sig) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+    return sigabbrev_np(sig); /* "TERM", "KILL", ... */
+#else
+    (void)sig;
+    return NULL;
+#endif
+}
+
+/* How the command ended, as sudo_exit reports it. */
+struct outcome {
+    const char *result;
+    int exit_status, signal; /* -1: not applicable */
+    char reason[256];
+};
+
+static void outcome_of(int status_type, int status, struct outcome *o) {
+    o->result = "failure";
+    o->exit_status = o->signal = -1;
+    o->reason[0] = '\0';
+    if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFEXITED(status)) {
+        o->exit_status = WEXITSTATUS(status);
+        if (o->exit_status == 0)
+            o->result = "success";
+    } else if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFSIGNALED(status)) {
+        const char *name = signal_name(WTERMSIG(status));
+        o->signal = WTERMSIG(status);
+        if (name)
+            snprintf(o->reason, sizeof o->reason, "killed by SIG%s%s", name, WCOREDUMP(status) ? " (core dumped)" : "");
+        else
+            snprintf(o->reason, sizeof o->reason, "killed by signal %d%s", o->signal,
+                     WCOREDUMP(status) ? " (core dumped)" : "");
+    } else if (status_type == SUDO_PLUGIN_EXEC_ERROR || status_type == SUDO_PLUGIN_SUDO_ERROR) {
+        snprintf(o->reason, sizeof o->reason, "%s: %s",
+                 status_type == SUDO_PLUGIN_EXEC_ERROR ? "the command could not be run" : "sudo failed",
+                 strerror(status));
+    } else {
+        copy(o->reason, sizeof o->reason, "sudo reported no exit status");
+    }
+}
+
+static void outcome_fields(struct ss_json *j, const struct outcome *o) {
+    ss_json_str(j, "result", o->result);
+    if (o->exit_status >= 0)
+        ss_json_int(j, "exit_status", o->exit_status);
+    if (o->signal >= 0)
+        ss_json_int(j, "signal", o->signal);
+    ss_json_str(j, "sudo_id", st.accepted_id);
+    if (o->reason[0])
+        ss_json_str(j, "reason", o->reason);
+}
+
 /* The accepted command has ended (or could not be started): one `sudo_exit`. */
 static void audit_close(int status_type, int status) {
     if (!st.accepted_id[0])
@@ -249,38 +302,28 @@ static void audit_close(int status_type, int status) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     long long ms = (long long)(now.tv_sec - st.started.tv_sec) * 1000 + (now.tv_nsec - st.started.tv_nsec) / 1000000;
+    struct outcome o;
+    outcome_of(status_type, status, &o);
+    const char *target = st.target[0] ? st.target : NULL;
     struct ss_json j;
-    char reason[256] = "";
-    const char *result = "failure";
     ss_event_begin(&j, "sudo_exit", NULL);
-    if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFEXITED(status)) {
-        result = WEXITSTATUS(status) == 0 ? "success" : "failure";
-        ss_json_str(&j, "result", result);
-        ss_json_int(&j, "exit_status", WEXITSTATUS(status));
-    } else if (status_type == SUDO_PLUGIN_WAIT_STATUS && WIFSIGNALED(status)) {
-        const char *name = sigabbrev_np(WTERMSIG(status));
-        ss_json_str(&j, "result", result);
-        ss_json_int(&j, "signal", WTERMSIG(status));
-        snprintf(reason, sizeof reason, "killed by SIG%s%s", name ? name : "?",
-                 WCOREDUMP(status) ? " (core dumped)" : "");
-    } else if (status_type == SUDO_PLUGIN_EXEC_ERROR || status_type == SUDO_PLUGIN_SUDO_ERROR) {
-        ss_json_str(&j, "result", result);
-        snprintf(reason, sizeof reason, "%s: %s",
-                 status_type == SUDO_PLUGIN_EXEC_ERROR ? "the command could not be run" : "sudo failed",
-                 strerror(status));
-    } else {
-        ss_json_str(&j, "result", result);
-        copy(reason, sizeof reason, "sudo reported no exit status");
-    }
-    common_fields(&j, st.target[0] ? st.target : NULL);
-    ss_json_str(&j, "sudo_id", st.accepted_id);
-    if (ss_json_strn(&j, "command", st.command, 1024) || st.command_cut)
+    outcome_fields(&j, &o);
+    common_fields(&j, target);
+    if (ss_json_strn(&j, "command", st.command, SUDO_EXIT_CMD_MAX) || st.command_cut)
         ss_json_bool(&j, "truncated", 1);
     ss_json_int(&j, "duration_ms", ms < 0 ? 0 : ms);
-    if (reason[0])
-        ss_json_str(&j, "reason", reason);
-    if (ss_json_end(&j) == 0)
-        append(&j, "sudo_exit");
+    if (ss_json_end(&j) != 0) { /* too long once escaped: the essentials */
+        ss_event_begin(&j, "sudo_exit", NULL);
+        outcome_fields(&j, &o);
+        ss_json_str(&j, "user", st.user);
+        ss_json_str(&j, "target_user", target);
+        ss_json_bool(&j, "truncated", 1);
+        if (ss_json_end(&j) != 0) {
+            syslog(LOG_AUTHPRIV | LOG_ERR, "step-ssh: audit event sudo_exit for %s not recorded: too long", st.user);
+            return;
+        }
+    }
+    append(&j, "sudo_exit");
     st.accepted_id[0] = '\0';
 }
 
