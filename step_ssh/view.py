@@ -172,6 +172,14 @@ class HostView(_Strict):
             if g.gid in gids:
                 errors.append(f"group {g.name}: gid {g.gid} already used by group {gids[g.gid]}")
             gids[g.gid] = g.name
+        for name in [u.name for u in self.users] + [g.name for g in self.groups]:
+            if name == JUMP_GROUP:  # sshd's Match Group step-jump would confine whoever holds it
+                errors.append(f"{name}: the name is reserved for the group of jump-only users")
+        if self.bastion:
+            for u in self.users:
+                if u.gid == JUMP_GID and u.access != Access.jump:
+                    errors.append(f"user {u.name}: primary gid {JUMP_GID} is the jump group's on a bastion "
+                                  "(it would confine the user to jumping)")
         for g in self.groups:
             for mname in g.members:
                 if mname not in seen:

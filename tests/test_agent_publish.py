@@ -156,9 +156,26 @@ def test_jump_group_on_a_bastion_lists_the_jump_users_and_must_be_free(tmp_path)
     with pytest.raises(ViewRejected) as e:
         publish_view(v, tmp_path / "cache2", local, 1000)
     assert "jump group step-jump: gid 69998 belongs to local group ops" in str(e.value)
+    assert "clear this host's bastion flag" in str(e.value)
     assert not (tmp_path / "cache2").exists()
     with pytest.raises(ViewRejected):
         drop_conflicts(view_from_pb(v), local, 1000)
+    # whoever holds a group named step-jump is confined by sshd: the name is never served for anything else
+    v = pb.HostView(revision=2, users=[_user("step-jump", 70003), _user("bob", 70002, gid=69998),
+                                       _user("jack", 70001, access=pb.ACCESS_JUMP)],
+                    groups=[pb.Group(name="step-jump", gid=71000, members=["bob"])])
+    res = publish_view(v, tmp_path / "plain2", NOBODY, 1000)
+    c = NssClient(tmp_path / "plain2")
+    assert c.getpwnam("step-jump") is None and c.getgrnam("step-jump") is None
+    assert c.getpwnam("bob").gid == 69998 and c.getgrgid(69998).name == "bob"  # not a bastion: a private group
+    assert sum("is reserved for the group of jump-only users" in p for p in res.problems) == 2
+    v.groups.pop()
+    v.settings.bastion = True
+    res = publish_view(v, tmp_path / "bastion2", NOBODY, 1000)
+    c = NssClient(tmp_path / "bastion2")
+    assert [p.name for p in c.passwd_entries()] == ["jack"]  # bob's primary gid would make him a jump user
+    assert c.getgrnam("step-jump").members == ("jack",)
+    assert any("'bob'" in p and "primary gid 69998 is the jump group's" in p for p in res.problems)
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(views(), views(), st.booleans())

@@ -6,12 +6,19 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
+
+import grpc
+import yaml
 
 from click.testing import CliRunner
 from cryptography import x509
 from server_fixtures import module_server  # noqa: F401
 
-from step_ssh import pki
+from step_ssh import pki, rpc
+from step_ssh.proto import stepssh_pb2 as pb
+from step_ssh.proto import stepssh_pb2_grpc as pbg
 from step_ssh.server.cli import main
 
 
@@ -120,15 +127,45 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
     assert "admin" in {k[0] for k in listed()}  # the profile `init` wrote
     assert s.ctl("--profile", str(a), "user", "list").exit_code == 0
 
-    r = run_cli("revoke-profile", "--dir", str(s.dir), "--serial", serial_a)
-    assert r.exit_code == 0 and f"revoked admin leaver certificate {serial_a}" in r.output
+    openssl_style = ":".join(f"{int(serial_a, 16):040X}"[i:i + 2] for i in range(0, 40, 2))
+    r = run_cli("revoke-profile", "--dir", str(s.dir), "--serial", openssl_style)
+    assert r.exit_code == 0 and f"revoked admin leaver certificate {serial_a}" in r.output, r.output
     r = s.ctl("--profile", str(a), "user", "list")
     assert r.exit_code != 0 and f"(serial {serial_a}) was revoked at" in r.output, r.output
     assert s.ctl("--profile", str(b), "user", "list").exit_code == 0  # the other one still works
 
+    # b follows the audit log; revoking b ends that stream at its next wake-up
+    pb_ = yaml.safe_load(b.read_text())
+    stub = pbg.AdminServiceStub(rpc.channel(s.address, rpc.mtls_credentials(
+        pb_["ca"].encode(), pb_["cert"].encode(), pb_["key"].encode())))
+    tail = stub.TailAudit(pb.AuditQuery(no_backlog=True), timeout=30)
+    seen, ended = [], {}
+
+    def follow():
+        try:
+            for ev in tail:
+                seen.append(ev.id)
+        except grpc.RpcError as e:
+            ended.update(code=e.code(), details=e.details())
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    host = s.enroll("tail-host", {"env": "t"})
+    report = lambda i: host.stub.ReportAudit(pb.ReportAuditRequest(events=[  # noqa: E731
+        pb.AuditEvent(id=f"01HZREV000000000000000000{i}", type="sudo", user="x", time_us=int(time.time() * 1e6))]),
+        timeout=10)
+    report(1)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == ["01HZREV0000000000000000001"]
+
     r = run_cli("revoke-profile", "--dir", str(s.dir), "--name", "leaver", "--json")
     assert r.exit_code == 0 and [x["name"] for x in json.loads(r.stdout)] == ["leaver"]  # only b was live
     assert s.ctl("--profile", str(b), "user", "list").exit_code != 0
+    report(2)
+    t.join(10)
+    assert ended.get("code") == grpc.StatusCode.UNAUTHENTICATED and "was revoked" in ended["details"], ended
+    assert seen == ["01HZREV0000000000000000001"]  # nothing after the revocation
     assert set(v for k, v in listed().items() if k[0] == "leaver") == {"revoked"}
     r = run_cli("revoke-profile", "--dir", str(s.dir), "--name", "leaver")
     assert r.exit_code == 0 and "already revoked; nothing changed" in r.output
@@ -136,6 +173,8 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
 
     r = server_cmd("revoke-profile", "--dir", str(s.dir), "--name", "nobody-here")
     assert r.returncode == 3 and "no admin certificate issued to 'nobody-here'" in r.stderr
+    r = server_cmd("revoke-profile", "--dir", str(s.dir), "--serial", "xyz")
+    assert r.returncode == 1 and "not a hexadecimal certificate serial" in r.stderr
     r = server_cmd("revoke-profile", "--dir", str(s.dir))
     assert r.returncode == 2 and "exactly one of --name or --serial" in r.stderr
     text = server_cmd("profiles", "--dir", str(s.dir)).stdout
@@ -143,5 +182,4 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
 
 
 def yaml_cert(path) -> bytes:
-    import yaml
     return yaml.safe_load(path.read_text())["cert"].encode()

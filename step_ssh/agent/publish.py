@@ -46,6 +46,7 @@ _PRINCIPAL_OK = PRINCIPAL_RE.match
 _BAD_FIELD = re.compile(r"[:\n\r\x00]").search
 _ACCESS_SUDO = pb.ACCESS_SUDO
 _ACCESS_JUMP = pb.ACCESS_JUMP
+_JUMP_RESERVED = f"the name {JUMP_GROUP} is reserved for the group of jump-only users (sshd confines its members)"
 _ACCESS_VALID = frozenset((pb.ACCESS_NONE, pb.ACCESS_SSH, pb.ACCESS_SUDO, pb.ACCESS_JUMP))
 # an OpenSSH public key line: type, base64 blob, optional comment
 _SSH_KEY = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)(-cert-v01@openssh\.com)? "
@@ -244,7 +245,9 @@ class _Build:
         names = {sname: sgid}
         gids = {sgid: sname}
         if self.view.settings.bastion:
-            bad += [f"jump group {JUMP_GROUP}: {w}" for w in group_conflicts(JUMP_GROUP, JUMP_GID, local, min_id)]
+            bad += [f"jump group {JUMP_GROUP}: {w} (it is fixed: rename or renumber the local group, lower the "
+                    f"agent's min_id, or clear this host's bastion flag)"
+                    for w in group_conflicts(JUMP_GROUP, JUMP_GID, local, min_id)]
             if JUMP_GROUP == sname or JUMP_GID == sgid:
                 bad.append(f"sudo group {sname} ({sgid}) collides with the jump group {JUMP_GROUP} ({JUMP_GID})")
             names[JUMP_GROUP] = JUMP_GID
@@ -258,6 +261,8 @@ class _Build:
             why = _name_problem(name)
             if why is None and not 0 < gid <= MAX_ID:
                 why = f"gid {gid} is out of range"
+            if why is None and name == JUMP_GROUP and not self.view.settings.bastion:
+                why = _JUMP_RESERVED
             if why is None and name in names:
                 why = f"name already used by the group with gid {names[name]}"
             if why is None and gid in gids:
@@ -299,6 +304,7 @@ class _Build:
         urecs = array("I")
         dropped: set[str] = set()
         seen_dup_uids: set[int] = set()
+        bastion = bool(view.settings.bastion)
         local_users, local_uids = local.user_names, local.uids
         local_groups, local_gids = local.group_names, local.gids
         group_names, group_gids = self.group_names, self.group_gids
@@ -313,6 +319,10 @@ class _Build:
                     why = f"gid {gid} is out of range"
                 elif access not in _ACCESS_VALID:
                     why = f"unknown access value {access}"
+                elif name == JUMP_GROUP:
+                    why = _JUMP_RESERVED
+                elif gid == JUMP_GID and bastion and access != _ACCESS_JUMP:
+                    why = f"primary gid {JUMP_GID} is the jump group's on a bastion (it would confine the user)"
                 else:
                     slot, dup = find(name)
                     if dup >= 0:

@@ -30,6 +30,7 @@ from step_ssh.server.views import ComputedView, ViewEngine, _field, diff_compute
 from step_ssh.wire import encode_varint
 
 LOG = log.get("step_ssh.server")
+TAIL_RECHECK_SECONDS = 30.0  # how long a revoked admin's open audit tail may idle on
 
 ACCESS_NAMES = {pb.ACCESS_SSH: "ssh", pb.ACCESS_SUDO: "sudo"}
 ACCESS_PB = {"ssh": pb.ACCESS_SSH, "sudo": pb.ACCESS_SUDO}
@@ -144,13 +145,22 @@ class Auth:
         if c.kind != "admin":
             await ctx.abort(grpc.StatusCode.PERMISSION_DENIED,
                             f"a host certificate ({c}) cannot call admin RPCs; use an admin profile")
+        await self.recheck_admin(ctx, c)
+        return c
+
+    async def recheck_admin(self, ctx, c: Caller) -> None:
+        """Abort unless the admin certificate is still unrevoked and unexpired:
+        at every call, and again and again on long streams (audit tail)."""
         revoked = await self.db.run(self.db.store.cert_revoked_at, c.serial)
         if revoked is not None:
             when = dt.datetime.fromtimestamp(revoked, dt.timezone.utc).isoformat()
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
                             f"the admin certificate of {c} (serial {c.serial}) was revoked at {when}; "
                             "ask for a new profile (`step-ssh-server profile`)")
-        return c
+        na = getattr(c, "_not_after", None)
+        if na is not None and na < dt.datetime.now(dt.timezone.utc):
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, f"the admin certificate of {c} expired at "
+                            f"{na.isoformat()}; ask for a new profile (`step-ssh-server profile`)")
 
 
 def rpc(kind: str):
@@ -633,7 +643,7 @@ class AdminService(pbg.AdminServiceServicer):
         return scim_token_pb(t)
 
     async def TailAudit(self, req, ctx):
-        await self.auth.admin(ctx)
+        caller = await self.auth.admin(ctx)
         ev = asyncio.Event()
         self.hub.tails.add(ev)
         try:
@@ -648,10 +658,12 @@ class AdminService(pbg.AdminServiceServicer):
                         yield pb.AuditEvent.FromString(b)
             while not self.hub.stopping:
                 try:
-                    await asyncio.wait_for(ev.wait(), timeout=30)
+                    await asyncio.wait_for(ev.wait(), timeout=TAIL_RECHECK_SECONDS)
                 except asyncio.TimeoutError:
+                    await self.auth.recheck_admin(ctx, caller)  # a revoked admin's tail ends within this
                     continue
                 ev.clear()
+                await self.auth.recheck_admin(ctx, caller)
                 while True:
                     rows = await self._run(self.s.list_audit, req.host, req.user, req.type, req.since_us, 1000,
                                            after_seq=last)

@@ -388,6 +388,10 @@ class Store:
 
     def _validate_user(self, u: UserIn) -> UserIn:
         check_account_name(u.name, "user name")
+        if u.name in (self.cfg.sudo_group.name, JUMP_GROUP):
+            # its private group would be (or be mistaken by sshd for) a synthesized group
+            raise invalid(f"user name {u.name!r} is reserved for a group step-ssh synthesizes on hosts "
+                          "(sudo users, jump-only users)")
         u.gecos = check_text(u.gecos, "gecos")
         u.shell = check_path(u.shell, "shell") or "/bin/bash"
         u.home = check_path(u.home, "home")
@@ -903,8 +907,14 @@ class Store:
         now = int(time.time())
         with self._write("admin_revoke", "server", bump=False) as t:
             if serial is not None:
+                # as `profiles` prints it, or as openssl does (upper case, colons, leading zeros)
+                digits = serial.strip().lower().removeprefix("0x").replace(":", "")
+                try:
+                    norm = format(int(digits, 16), "x")
+                except ValueError:
+                    raise invalid(f"serial {serial!r} is not a hexadecimal certificate serial") from None
                 rows = t.conn.execute("SELECT serial, subject FROM certs WHERE kind='admin' AND serial=?",
-                                      (serial.lower(),)).fetchall()
+                                      (norm,)).fetchall()
                 what = f"admin certificate with serial {serial}"
             else:
                 rows = t.conn.execute("SELECT serial, subject FROM certs WHERE kind='admin' AND subject=?",
