@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from step_ssh import hostconfig, paths, pki
+from step_ssh.limits import JUMP_GROUP
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 SPOOL_LIMIT = 64 << 20  # pam_stepssh's default spool_max
@@ -227,6 +228,10 @@ def check_sshd(ctx: Context) -> Check:
     r = _tool(ctx, ["/usr/sbin/sshd", "-t"])
     if r.returncode != 0:
         return Check("sshd", FAIL, f"`sshd -t` fails: {(r.stderr or r.stdout).strip()}")
+    if f"Match Group {JUMP_GROUP}" not in dropin:
+        return Check("sshd", WARN, f"{hostconfig.SSHD_DROPIN_PATH} has no `Match Group {JUMP_GROUP}` block (written "
+                                   "by an older step-ssh?): on a bastion, jump-only users could open remote "
+                                   "forwards. Run `step-ssh activate` again to update it.")
     keys = ctx.p(hostconfig.USER_CA_KEYS_PATH)
     if not keys.exists() or not keys.read_text().strip():
         return Check("sshd", WARN, f"`sshd -t` passes but {hostconfig.USER_CA_KEYS_PATH} has no CA keys yet: "

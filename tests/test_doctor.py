@@ -77,6 +77,14 @@ def test_every_check_passes_then_fails(activated):
         rc, checks = doctor(host)
         assert checks[name][0] == "PASS", (name, checks[name])
 
+    # a drop-in from before the jump group: a warning that says how to update it
+    host.run("cp /etc/ssh/sshd_config.d/10-step-ssh.conf /run/d; "
+             "sed -i '/^# jump-only/,$d' /etc/ssh/sshd_config.d/10-step-ssh.conf", check=True)
+    rc, checks = doctor(host)
+    assert checks["sshd"][0] == "WARN" and "step-ssh activate" in checks["sshd"][1], checks["sshd"]
+    host.run("cp /run/d /etc/ssh/sshd_config.d/10-step-ssh.conf", check=True)
+    assert doctor(host)[1]["sshd"][0] == "PASS"
+
     # the cache, and through it the NSS lookup: corrupt it (the agent is stopped first
     # so it does not republish), then the agent check fails too
     host.run("kill $(cat /run/step-ssh/agent.pid); sleep 1", check=True)
