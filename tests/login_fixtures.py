@@ -292,18 +292,29 @@ class LoginHost:
         return self.host.run(self.ssh_argv(user, command, key, cert, port, options), timeout=timeout)
 
     # -- evidence ------------------------------------------------------------
-    def syslog(self) -> str:
-        r = self.host.run(["cat", SYSLOG])
-        return r.stdout
+    def syslog(self, *expect: str, timeout: float = 10.0) -> str:
+        """The test host's system log. The catcher writes what it receives a
+        moment later, so with `expect` this waits until every string is in
+        it (or the timeout passes) instead of reading once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.host.run(["cat", SYSLOG]).stdout
+            if all(x in text for x in expect) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
 
     def events(self) -> list[dict]:
         r = self.host.run(["cat", EVENTS])
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
-    def syslog_events(self) -> list[dict]:
-        """The JSON lines the writers sent to the system log (tag step-ssh-audit)."""
+    def has_logged(self, text: str, timeout: float = 10.0) -> bool:
+        return text in self.syslog(text, timeout=timeout)
+
+    def syslog_events(self, *ids: str) -> list[dict]:
+        """The JSON lines the writers sent to the system log (tag step-ssh-audit);
+        with `ids`, once those events are there (see `syslog`)."""
         out = []
-        for line in self.syslog().splitlines():
+        for line in self.syslog(*(f'"id":"{i}"' for i in ids)).splitlines():
             head, sep, body = line.partition(" step-ssh-audit[")
             if sep:
                 out.append(json.loads(body.split("]: ", 1)[1]))
