@@ -14,7 +14,7 @@ import yaml
 
 from click.testing import CliRunner
 from cryptography import x509
-from server_fixtures import module_server  # noqa: F401
+from server_fixtures import module_server, running_server  # noqa: F401
 
 from step_ssh import pki, rpc
 from step_ssh.proto import stepssh_pb2 as pb
@@ -183,3 +183,32 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
 
 def yaml_cert(path) -> bytes:
     return yaml.safe_load(path.read_text())["cert"].encode()
+
+
+def test_audit_retention_prunes_old_events_at_start_and_keeps_the_rest(running_server):
+    s = running_server
+    host = s.enroll("ret-host", {"env": "r"})
+    now_us = int(time.time() * 1e6)
+    day_us = 86400 * 10**6
+    events = [pb.AuditEvent(id=f"01HZRET00000000000000000{i:02d}", type="sudo", user="x", time_us=now_us - age * day_us)
+              for i, age in enumerate((40, 31, 29, 1, 0))]
+    host.stub.ReportAudit(pb.ReportAuditRequest(events=events), timeout=10)
+
+    def stored():
+        r = s.ctl("--json", "audit", "list", "--host", "ret-host", "--limit", "100")
+        assert r.exit_code == 0, r.output
+        return sorted(e["id"] for e in json.loads(r.stdout))
+    assert len(stored()) == 5
+    s.restart()  # the default keeps everything
+    assert len(stored()) == 5
+    cfg = s.dir / "server.yaml"
+    cfg.write_text(cfg.read_text() + "audit_retention_days: 30\n")
+    s.restart()
+    assert stored() == [e.id for e in events[2:]]
+    def pruned(r):
+        return r.get("msg") == "audit events pruned"
+    rec = [r for r in s.wait_log(pruned) if pruned(r)]
+    assert rec and rec[-1]["count"] == 2 and rec[-1]["retention_days"] == 30
+    cfg.write_text(cfg.read_text().replace("audit_retention_days: 30", "audit_retention_days: -1"))
+    r = server_cmd("run", "--dir", str(s.dir), "--listen", "127.0.0.1:0")
+    assert r.returncode == 1 and "audit_retention_days" in r.stderr

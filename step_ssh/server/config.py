@@ -27,6 +27,9 @@ class ServerConfig(BaseModel):
     reserved_ids: list[int] = Field(default_factory=lambda: [65534, 65535])  # nobody/nogroup, (uint16)-1
     sudo_group: SudoGroup = Field(default_factory=SudoGroup)
     max_stale_seconds: int = Field(default=24 * 3600, ge=60, le=2**32 - 1)
+    # Audit events older than this (by event time) are deleted, hourly and at
+    # start. 0 keeps them forever: deleting an audit trail is an explicit choice.
+    audit_retention_days: int = Field(default=0, ge=0, le=36500)
     heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
     host_cert_hours: float = Field(default=24.0, gt=0, le=24 * 90)
     token_ttl_seconds: int = Field(default=3600, ge=60, le=30 * 86400)

@@ -36,6 +36,7 @@ ACCESS_NAMES = {pb.ACCESS_SSH: "ssh", pb.ACCESS_SUDO: "sudo"}
 ACCESS_PB = {"ssh": pb.ACCESS_SSH, "sudo": pb.ACCESS_SUDO}
 STATE_FLUSH_SECONDS = 0.25
 VIEW_GC_SECONDS = 60.0
+AUDIT_PRUNE_SECONDS = 3600.0
 
 
 # ---- the database thread ----------------------------------------------------------
@@ -732,8 +733,22 @@ class App:
         if self.port == 0:
             raise OSError(f"cannot listen on {listen} (address in use or not available)")
         await self.server.start()
+        await self.prune_audit()
         self._flusher = asyncio.create_task(self._flush_loop())
         return self.port
+
+    async def prune_audit(self) -> int:
+        """Apply `audit_retention_days` (0: keep everything)."""
+        days = self.cfg.audit_retention_days
+        if not days:
+            return 0
+        cutoff_us = int((time.time() - days * 86400) * 1_000_000)
+        n = await self.db.run(self.db.store.prune_audit, cutoff_us)
+        if n:
+            LOG.info("audit events pruned", extra={"count": n, "retention_days": days,
+                                                   "older_than": dt.datetime.fromtimestamp(
+                                                       cutoff_us / 1e6, dt.timezone.utc).isoformat()})
+        return n
 
     async def start_scim(self, listen: str) -> int:
         """Serve SCIM over HTTPS on `listen` (HOST:PORT, port 0 picks one)."""
@@ -767,6 +782,8 @@ class App:
                 await self.flush()
                 if n % int(VIEW_GC_SECONDS / STATE_FLUSH_SECONDS) == 0:
                     await self.db.run(self.db.store.gc_views)  # views no host holds any more
+                if n % int(AUDIT_PRUNE_SECONDS / STATE_FLUSH_SECONDS) == 0:
+                    await self.prune_audit()
             except Exception:
                 LOG.exception("saving host sync state failed")
 

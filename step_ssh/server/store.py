@@ -1077,6 +1077,18 @@ class Store:
             rows.reverse()
         return [(r[0], r[1]) for r in rows]
 
+    def prune_audit(self, before_us: int, batch: int = 10_000) -> int:
+        """Delete events that happened before `before_us`, `batch` rows per
+        transaction so agents shipping meanwhile wait at most one batch."""
+        total = 0
+        while True:
+            with self._write("audit_prune", "server", bump=False) as t:
+                n = t.conn.execute("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE time_us < ? "
+                                   "ORDER BY time_us LIMIT ?)", (before_us, batch)).rowcount
+            total += n
+            if n < batch:
+                return total
+
     def max_audit_seq(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
 
