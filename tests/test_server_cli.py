@@ -138,7 +138,9 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
     pb_ = yaml.safe_load(b.read_text())
     stub = pbg.AdminServiceStub(rpc.channel(s.address, rpc.mtls_credentials(
         pb_["ca"].encode(), pb_["cert"].encode(), pb_["key"].encode())))
-    tail = stub.TailAudit(pb.AuditQuery(no_backlog=True), timeout=30)
+    host = s.enroll("tail-host", {"env": "t"})
+    # (with its backlog, the tail also gets an event stored before it subscribed)
+    tail = stub.TailAudit(pb.AuditQuery(host="tail-host"), timeout=30)
     seen, ended = [], {}
 
     def follow():
@@ -149,7 +151,6 @@ def test_admin_profiles_are_listed_and_revoked_without_a_restart(module_server, 
             ended.update(code=e.code(), details=e.details())
     t = threading.Thread(target=follow, daemon=True)
     t.start()
-    host = s.enroll("tail-host", {"env": "t"})
     report = lambda i: host.stub.ReportAudit(pb.ReportAuditRequest(events=[  # noqa: E731
         pb.AuditEvent(id=f"01HZREV000000000000000000{i}", type="sudo", user="x", time_us=int(time.time() * 1e6))]),
         timeout=10)
