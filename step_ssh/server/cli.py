@@ -301,8 +301,9 @@ def _utc(ts: Optional[int]) -> str:
 
 
 @main.command()
-@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The server directory (`init --dir`).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (name, serial, times, status).")
 def profiles(dir_: Path, as_json: bool) -> None:
     """List the admin profiles (certificates) this control plane issued."""
     import time
@@ -327,10 +328,12 @@ def profiles(dir_: Path, as_json: bool) -> None:
 
 
 @main.command("revoke-profile")
-@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dir", "dir_", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The server directory (`init --dir`); the server may be running.")
 @click.option("--name", default=None, help="Revoke every certificate issued to this admin.")
-@click.option("--serial", default=None, help="Revoke the certificate with this serial (see `profiles`).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--serial", default=None, help="Revoke the certificate with this serial (see `profiles`; "
+                                             "openssl's AA:BB:… form works too).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was revoked now as a JSON array.")
 def revoke_profile(dir_: Path, name: Optional[str], serial: Optional[str], as_json: bool) -> None:
     """Revoke admin profiles: the running server refuses their certificates
     from the next call on (no restart). Issue a new one with `profile`."""
