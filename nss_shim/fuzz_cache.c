@@ -2,7 +2,7 @@
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
  *         -DSTEPSSH_PATH_OVERRIDE -Dmmap=sc_test_mmap -Dmunmap=sc_test_munmap \
- *         [-DFUZZ_FIX_CRC] -Inss_shim nss_shim/fuzz_cache.c nss_shim/cache.c \
+ *         [-DFUZZ_FIX_CRC] -Inss_shim nss_shim/fuzz_cache.c nss_shim/test_harness.c nss_shim/cache.c \
  *         nss_shim/nss.c -lz -o fuzz_cache
  *   ./fuzz_cache -max_total_time=60 CORPUS_DIR SEED_DIR
  *
@@ -19,8 +19,8 @@
  * the checksums.
  *
  * With -Dmmap=sc_test_mmap -Dmunmap=sc_test_munmap the reader's mapping is an
- * exact-size heap copy (defined below), so ASan reports a read even one byte
- * past the end of the file; crc32 is defined here for the same reason
+ * exact-size heap copy (nss_shim/test_harness.c), so ASan reports a read even
+ * one byte past the end of the file; crc32 is defined there for the same reason
  * (libz is not instrumented). */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,20 +38,8 @@
 #include <zlib.h>
 
 #include "cache.h"
+#include "test_harness.h"
 
-void stepssh_nss_set_path(const char *path, int require_root_owner);
-enum nss_status _nss_stepssh_getpwnam_r(const char *, struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getpwuid_r(uid_t, struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getgrnam_r(const char *, struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getgrgid_r(gid_t, struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_setpwent(int);
-enum nss_status _nss_stepssh_getpwent_r(struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_endpwent(void);
-enum nss_status _nss_stepssh_setgrent(int);
-enum nss_status _nss_stepssh_getgrent_r(struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_endgrent(void);
-enum nss_status _nss_stepssh_initgroups_dyn(const char *, gid_t, long int *, long int *, gid_t **,
-                                            long int, int *);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define FAIL(...)                                                                                  \
@@ -60,50 +48,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
         fputc('\n', stderr);                                                                       \
         __builtin_trap();                                                                          \
     } while (0)
-
-/* ---- instrumented stand-ins for mmap and crc32 ---- */
-
-#ifdef mmap
-void *sc_test_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    (void)addr, (void)prot, (void)flags;
-    char *p = malloc(len ? len : 1);
-    if (!p)
-        return MAP_FAILED;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, p + done, len - done, off + (off_t)done);
-        if (n <= 0) {
-            free(p);
-            return MAP_FAILED;
-        }
-        done += (size_t)n;
-    }
-    return p;
-}
-
-int sc_test_munmap(void *addr, size_t len) {
-    (void)len;
-    free(addr);
-    return 0;
-}
-#endif
-
-uLong crc32(uLong crc, const Bytef *buf, uInt len) {
-    static uint32_t table[256];
-    if (!table[1])
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++)
-                c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
-        }
-    if (!buf)
-        return 0;
-    uint32_t c = (uint32_t)crc ^ 0xFFFFFFFFu;
-    for (uInt i = 0; i < len; i++)
-        c = table[(c ^ buf[i]) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
-}
 
 /* ---- FUZZ_FIX_CRC: make the checksums agree with whatever the input says ---- */
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hostile_corpus as hc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = [ROOT / "tests/c/hostile_main.c", ROOT / "nss_shim/cache.c", ROOT / "nss_shim/nss.c"]
+SRC = [ROOT / "tests/c/hostile_main.c", ROOT / "nss_shim/test_harness.c", ROOT / "nss_shim/cache.c",
+       ROOT / "nss_shim/nss.c"]
 CFLAGS = ["-std=gnu11", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
           "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-DSTEPSSH_PATH_OVERRIDE",
           # the reader's mapping becomes an exact-size heap copy ASan can see past

@@ -56,7 +56,8 @@ def _build_cmd(cc: str, mode: str, out: Path) -> list[str]:
     return [cc, "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",
             "-Wall", "-Wextra", "-Werror", "-DSTEPSSH_PATH_OVERRIDE",
             "-Dmmap=sc_test_mmap", "-Dmunmap=sc_test_munmap", *MODES[mode],
-            f"-I{ROOT / 'nss_shim'}", str(ROOT / "nss_shim/fuzz_cache.c"), str(ROOT / "nss_shim/cache.c"),
+            f"-I{ROOT / 'nss_shim'}", str(ROOT / "nss_shim/fuzz_cache.c"), str(ROOT / "nss_shim/test_harness.c"),
+            str(ROOT / "nss_shim/cache.c"),
             str(ROOT / "nss_shim/nss.c"), "-lz", "-o", str(out)]
 
 

@@ -25,10 +25,10 @@
  * message (and a sanitizer report aborts on its own).
  *
  * Built with -Dmmap=sc_test_mmap -Dmunmap=sc_test_munmap, the reader's file
- * mapping becomes an exact-size heap copy (below), so ASan reports a read even
+ * mapping becomes an exact-size heap copy (nss_shim/test_harness.c), so ASan reports a read even
  * one byte past the end of the file -- a real mmap would silently return the
  * zeros of the last page, or whatever mapping happens to follow.  For the
- * same reason crc32 is defined here (compiled with the sanitizer) instead of
+ * same reason crc32 is defined there (compiled with the sanitizer) instead of
  * coming from the uninstrumented libz: a CRC over bytes past the end of the
  * file must be reported too. */
 #define _GNU_SOURCE
@@ -48,20 +48,8 @@
 #include <zlib.h>
 
 #include "cache.h"
+#include "test_harness.h"
 
-void stepssh_nss_set_path(const char *path, int require_root_owner);
-enum nss_status _nss_stepssh_getpwnam_r(const char *, struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getpwuid_r(uid_t, struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getgrnam_r(const char *, struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_getgrgid_r(gid_t, struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_setpwent(int);
-enum nss_status _nss_stepssh_getpwent_r(struct passwd *, char *, size_t, int *);
-enum nss_status _nss_stepssh_endpwent(void);
-enum nss_status _nss_stepssh_setgrent(int);
-enum nss_status _nss_stepssh_getgrent_r(struct group *, char *, size_t, int *);
-enum nss_status _nss_stepssh_endgrent(void);
-enum nss_status _nss_stepssh_initgroups_dyn(const char *, gid_t, long int *, long int *, gid_t **,
-                                            long int, int *);
 
 #define MAX_BUF (1u << 22)
 #define MAX_ENUM 100000u
@@ -77,52 +65,6 @@ static void die(const char *fmt, ...) {
     va_end(ap);
     fputc('\n', stderr);
     abort();
-}
-
-#ifdef mmap
-#include <sys/mman.h>
-/* Replaces mmap/munmap in cache.c for this build: the "mapping" is a heap
- * block of exactly the file's size, so every byte past it is poisoned. */
-void *sc_test_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
-    (void)addr, (void)prot, (void)flags;
-    char *p = malloc(len ? len : 1);
-    if (!p)
-        return MAP_FAILED;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, p + done, len - done, off + (off_t)done);
-        if (n <= 0) {
-            free(p);
-            return MAP_FAILED;
-        }
-        done += (size_t)n;
-    }
-    return p;
-}
-
-int sc_test_munmap(void *addr, size_t len) {
-    (void)len;
-    free(addr);
-    return 0;
-}
-#endif
-
-/* zlib's crc32 (same polynomial and conventions), instrumented. */
-uLong crc32(uLong crc, const Bytef *buf, uInt len) {
-    static uint32_t table[256];
-    if (!table[1])
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++)
-                c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
-        }
-    if (!buf)
-        return 0;
-    uint32_t c = (uint32_t)crc ^ 0xFFFFFFFFu;
-    for (uInt i = 0; i < len; i++)
-        c = table[(c ^ buf[i]) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
 }
 
 /* ---- one NSS call with glibc's buffer negotiation, exact-size heap buffers ---- */
