@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from step_ssh.fsutil import replacing
 
 STATUS_VERSION = 1
 MAX_LISTED_PROBLEMS = 100
@@ -21,21 +22,8 @@ MAX_LISTED_PROBLEMS = 100
 def write_status(path: str | Path, data: dict) -> None:
     """Atomic replace without fsync: the file lives on a tmpfs and is rewritten
     on every change; a crash loses nothing a restart does not rebuild."""
-    path = Path(path)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with replacing(path, 0o644, durable=False) as f:
+        f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_status(path: str | Path) -> Optional[dict]:

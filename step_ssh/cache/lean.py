@@ -9,15 +9,14 @@ checksums on the way (step_ssh.agent.publish). Same format, same header rules
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from array import array
 from pathlib import Path
 from typing import Sequence, Union
 
 from step_ssh.cache.format import BLOCK_SIZE, BYTE_ORDER, HEADER, MAGIC, VERSION, Header
-from step_ssh.cache.replace import mark_superseded, open_current
+from step_ssh.cache.replace import superseding
+from step_ssh.fsutil import replacing
 
 Section = Union[array, bytearray, bytes]
 
@@ -138,68 +137,37 @@ def write_sections(path: str | Path, parts: list, *, mode: int, strings_size: in
     sections in memory at a time. `fields` are the remaining header fields
     (revision, generated_at, confirmed_at, max_stale, flags, n_users, n_groups)."""
     assert len(parts) == 8
-    path = Path(path)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    old = open_current(path)  # flagged superseded once replaced (docs/cache-format.md)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except BaseException:
-        if old is not None:
-            os.close(old)
-        raise
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * HEADER.size)
-            crc = _BlockCrc()
-            offsets = []
-            pos = HEADER.size
-            for k in range(len(parts)):
-                part = parts[k]
-                parts[k] = None
-                if callable(part):
-                    part = part()
-                mv = _bytes(part)
-                assert len(mv) % 4 == 0, "sections are 4-byte aligned"
-                offsets.append(pos)
-                pos += len(mv)
-                crc.feed(mv)
-                f.write(mv)
-                del mv, part
-            crc_off = pos
-            crcs = crc.finish()
-            table = crcs.tobytes()
-            f.write(table)
-            header = Header(
-                magic=MAGIC, version=VERSION, byte_order=BYTE_ORDER, header_size=HEADER.size,
-                block_size=BLOCK_SIZE, file_size=crc_off + len(table),
-                strings_off=offsets[0], strings_size=strings_size, users_off=offsets[1],
-                groups_off=offsets[2], pool_off=offsets[3], pool_count=pool_count,
-                uname_idx_off=offsets[4], uid_idx_off=offsets[5], gname_idx_off=offsets[6],
-                gid_idx_off=offsets[7], crc_off=crc_off, n_blocks=len(crcs), header_crc=0,
-                superseded=0, **fields,
-            )
-            header.header_crc = zlib.crc32(table, zlib.crc32(header.pack()))
-            f.seek(0)
-            f.write(header.pack())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if old is not None:
-            os.close(old)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        if old is not None:
-            mark_superseded(old)
+    with superseding(path), replacing(path, mode) as f:  # docs/cache-format.md: `superseded`
+        f.write(b"\0" * HEADER.size)
+        crc = _BlockCrc()
+        offsets = []
+        pos = HEADER.size
+        for k in range(len(parts)):
+            part = parts[k]
+            parts[k] = None
+            if callable(part):
+                part = part()
+            mv = _bytes(part)
+            assert len(mv) % 4 == 0, "sections are 4-byte aligned"
+            offsets.append(pos)
+            pos += len(mv)
+            crc.feed(mv)
+            f.write(mv)
+            del mv, part
+        crc_off = pos
+        crcs = crc.finish()
+        table = crcs.tobytes()
+        f.write(table)
+        header = Header(
+            magic=MAGIC, version=VERSION, byte_order=BYTE_ORDER, header_size=HEADER.size,
+            block_size=BLOCK_SIZE, file_size=crc_off + len(table),
+            strings_off=offsets[0], strings_size=strings_size, users_off=offsets[1],
+            groups_off=offsets[2], pool_off=offsets[3], pool_count=pool_count,
+            uname_idx_off=offsets[4], uid_idx_off=offsets[5], gname_idx_off=offsets[6],
+            gid_idx_off=offsets[7], crc_off=crc_off, n_blocks=len(crcs), header_crc=0,
+            superseded=0, **fields,
+        )
+        header.header_crc = zlib.crc32(table, zlib.crc32(header.pack()))
+        f.seek(0)
+        f.write(header.pack())
     return header

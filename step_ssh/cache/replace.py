@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from step_ssh.cache.format import CACHE_MODE, MAGIC, SUPERSEDED_OFFSET
 from step_ssh.fsutil import atomic_write
@@ -35,18 +36,36 @@ def mark_superseded(fd: int) -> None:
         os.close(fd)
 
 
-def publish_bytes(data: bytes, path: str | Path, mode: int = CACHE_MODE) -> None:
-    """Replace the cache atomically (see fsutil.atomic_write), then flag the
-    file it replaced as superseded."""
-    old = open_current(Path(path))
+@contextmanager
+def superseding(path: str | Path) -> Iterator[None]:
+    """Around the replacement of the cache at `path`: afterwards the file it
+    replaced is flagged superseded. When the block fails, it is flagged only
+    if the new file is in place all the same (the rename happened, a later
+    fsync failed); otherwise it is left as it was."""
+    path = Path(path)
+    old = open_current(path)
     try:
-        atomic_write(path, data, mode)
+        yield
     except BaseException:
         if old is not None:
-            os.close(old)
+            try:
+                replaced = os.stat(path).st_ino != os.fstat(old).st_ino
+            except OSError:
+                replaced = False
+            if replaced:
+                mark_superseded(old)
+            else:
+                os.close(old)
         raise
     if old is not None:
         mark_superseded(old)
+
+
+def publish_bytes(data: bytes, path: str | Path, mode: int = CACHE_MODE) -> None:
+    """Replace the cache atomically (see fsutil.atomic_write), then flag the
+    file it replaced as superseded."""
+    with superseding(path):
+        atomic_write(path, data, mode)
 
 
 def retire(path: str | Path) -> bool:
