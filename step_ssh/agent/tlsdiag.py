@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from step_ssh import pki
+from step_ssh.timefmt import span
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
@@ -49,14 +50,7 @@ class Diagnosis:
 
 
 def _ago(delta: dt.timedelta) -> str:
-    s = int(abs(delta.total_seconds()))
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
+    return span(delta.total_seconds())
 
 
 def _ts(d: dt.datetime) -> str:

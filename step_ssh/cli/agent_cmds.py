@@ -12,6 +12,7 @@ from typing import Optional
 import click
 
 from step_ssh.cli.common import emit_json
+from step_ssh.timefmt import span
 
 EXIT_DEGRADED = 1     # status: running but not connected, refused a view, or entries dropped
 EXIT_NOT_RUNNING = 3  # status: no agent (or no status file)
@@ -146,18 +147,8 @@ def _ago(ts: Optional[float], now: float) -> str:
         return "never"
     s = int(now - ts)
     if s < 0:
-        return f"in {_span(-s)}"
-    return f"{_span(s)} ago"
-
-
-def _span(s: int) -> str:
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
+        return f"in {span(-s)}"
+    return f"{span(s)} ago"
 
 
 def _when(ts: Optional[float]) -> str:
@@ -241,7 +232,7 @@ def status(config_path: Path, status_file: Optional[Path], as_json: bool, show_c
         stale = " STALE: managed logins are denied" if cache.get("stale") else ""
         out(f"cache:        {cache_path}: {cache['users']} users, {cache['groups']} groups, revision "
             f"{cache['revision']}, confirmed {_ago(cache['confirmed_at'], now)} "
-            f"(age {_span(max(0, cache['age_seconds']))}, limit {_span(cache['max_stale_seconds'])}){stale}")
+            f"(age {span(max(0, cache['age_seconds']))}, limit {span(cache['max_stale_seconds'])}){stale}")
     else:
         out(f"cache:        {cache_path}: {cache.get('error') or cache.get('checksum') or 'invalid'}")
     ref = st.get("refused")
@@ -259,7 +250,7 @@ def status(config_path: Path, status_file: Optional[Path], as_json: bool, show_c
         out(f"  SANs:       {', '.join(cert.get('sans') or []) or '-'}")
         left = cert.get("not_after_ts", 0) - now
         out(f"  valid:      {cert['not_before']} .. {cert['not_after']}"
-            + (f" (EXPIRED {_span(int(-left))} ago)" if left < 0 else f" ({_span(int(left))} left)"))
+            + (f" (EXPIRED {span(int(-left))} ago)" if left < 0 else f" ({span(int(left))} left)"))
         if cert.get("renew_at"):
             out(f"  renews at:  {cert['renew_at']}")
         if show_cert:
