@@ -431,18 +431,28 @@ EXPORT int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const char 
     return PAM_SUCCESS;
 }
 
+/* Both session phases: the module arguments, the user, and whether the cache
+ * manages them (lookup's V_*; the account phase decided access, here only
+ * "is this ours"); -1 when PAM has no user. */
+static int session_lookup(pam_handle_t *pamh, int argc, const char **argv, struct cfg *c,
+                          const char **user, struct who *w, char *reason, size_t rlen) {
+    parse_args(pamh, c, argc, argv);
+    *user = NULL;
+    if (pam_get_user(pamh, user, NULL) != PAM_SUCCESS || !*user || !**user)
+        return -1;
+    int stale;
+    return lookup(pamh, *user, w, &stale, reason, rlen);
+}
+
 EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const char **argv) {
     (void)flags;
     struct cfg c;
-    parse_args(pamh, &c, argc, argv);
-    const char *user = NULL;
-    if (pam_get_user(pamh, &user, NULL) != PAM_SUCCESS || !user || !*user)
-        return PAM_IGNORE;
+    const char *user;
     struct who w;
-    int stale;
     char reason[256];
-    /* The account phase decided access; here only "is this ours". */
-    int v = lookup(pamh, user, &w, &stale, reason, sizeof reason);
+    int v = session_lookup(pamh, argc, argv, &c, &user, &w, reason, sizeof reason);
+    if (v < 0)
+        return PAM_IGNORE;
     if (v == V_UNAVAIL || v == V_ALLOW)
         new_session_id(pamh);
     if (v == V_UNAVAIL) { /* not local, maybe ours: record it, create nothing */
@@ -509,15 +519,11 @@ EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const ch
 EXPORT int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, const char **argv) {
     (void)flags;
     struct cfg c;
-    parse_args(pamh, &c, argc, argv);
-    const char *user = NULL;
-    if (pam_get_user(pamh, &user, NULL) != PAM_SUCCESS || !user || !*user)
-        return PAM_IGNORE;
+    const char *user;
     struct who w;
-    int stale;
     char reason[256];
-    int v = lookup(pamh, user, &w, &stale, reason, sizeof reason);
-    if (v == V_NOT_MANAGED)
+    int v = session_lookup(pamh, argc, argv, &c, &user, &w, reason, sizeof reason);
+    if (v < 0 || v == V_NOT_MANAGED)
         return PAM_IGNORE;
     struct extra x = {NULL, v == V_UNAVAIL ? reason : NULL, -1, NULL};
     emit(pamh, &c, "session_close", &w, &x);
