@@ -68,6 +68,14 @@ class Caller:
         return f"{self.kind}:{self.id}" if self.id else self.kind
 
 
+def _expired(c: "Caller") -> Optional[str]:
+    """"expired at …" when the caller's certificate is past its notAfter."""
+    na = getattr(c, "_not_after", None)
+    if na is not None and na < dt.datetime.now(dt.timezone.utc):
+        return f"expired at {na.isoformat()}"
+    return None
+
+
 class Auth:
     """Identity from the verified client certificate only (DESIGN.md invariant 5).
 
@@ -111,10 +119,8 @@ class Auth:
         if not pems:
             return Caller("anonymous", why="no client certificate was presented")
         c = self._parse(pems[0])
-        na = getattr(c, "_not_after", None)
-        if na is not None and na < dt.datetime.now(dt.timezone.utc):
-            return Caller("anonymous", why=f"the client certificate expired at {na.isoformat()}")
-        return c
+        expired = _expired(c)
+        return Caller("anonymous", why=f"the client certificate {expired}") if expired else c
 
     async def host(self, ctx) -> Caller:
         c = self.identify(ctx)
@@ -151,17 +157,18 @@ class Auth:
 
     async def recheck_admin(self, ctx, c: Caller) -> None:
         """Abort unless the admin certificate is still unrevoked and unexpired:
-        at every call, and again and again on long streams (audit tail)."""
+        at every call (identify checked the expiry just before) and again and
+        again on long streams (audit tail)."""
         revoked = await self.db.run(self.db.store.cert_revoked_at, c.serial)
         if revoked is not None:
             when = dt.datetime.fromtimestamp(revoked, dt.timezone.utc).isoformat()
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED,
                             f"the admin certificate of {c} (serial {c.serial}) was revoked at {when}; "
                             "ask for a new profile (`step-ssh-server profile`)")
-        na = getattr(c, "_not_after", None)
-        if na is not None and na < dt.datetime.now(dt.timezone.utc):
-            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, f"the admin certificate of {c} expired at "
-                            f"{na.isoformat()}; ask for a new profile (`step-ssh-server profile`)")
+        expired = _expired(c)
+        if expired:
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, f"the admin certificate of {c} {expired}; "
+                            "ask for a new profile (`step-ssh-server profile`)")
 
 
 def rpc(kind: str):
