@@ -154,3 +154,12 @@ def grant(server, group: str, tags: dict, access=pb.ACCESS_SSH) -> str:
 
 def revision(server) -> int:
     return server.revision()
+
+
+def enroll_in_host(host, server, hostname: str, tags: dict) -> None:
+    """`step-ssh enroll` inside the test host: it writes the host's own
+    /etc/step-ssh (an overlay), exactly as on a real machine."""
+    r = host.run([sys.executable, "-m", "step_ssh.cli", "enroll", "--server", server.address,
+                  "--fingerprint", server.fingerprint, "--json"],
+                 env={**os.environ, "STEP_SSH_TOKEN": server.token(hostname, tags)})
+    assert r.returncode == 0, r.stderr

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from server_fixtures import RunningServer
+from server_fixtures import RunningServer, serving
 from step_ssh.proto import stepssh_pb2 as pb
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -112,19 +112,9 @@ def scim_error(r: httpx.Response, status: int, scim_type: Optional[str] = None) 
 
 @pytest.fixture
 def scim_server(tmp_path: Path) -> Iterator[ScimServer]:
-    s = ScimServer(tmp_path)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from serving(ScimServer(tmp_path))
 
 
 @pytest.fixture(scope="module")
 def module_scim_server(tmp_path_factory) -> Iterator[ScimServer]:
-    s = ScimServer(tmp_path_factory.mktemp("scim"))
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from serving(ScimServer(tmp_path_factory.mktemp("scim")))

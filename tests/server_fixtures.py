@@ -298,21 +298,20 @@ def next_change(call, timeout: float = 10.0) -> pb.WatchEvent:
             return ev
 
 
+def serving(server: RunningServer) -> Iterator[RunningServer]:
+    """A fixture's body: start `server`, hand it out, close it afterwards."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def running_server(tmp_path: Path) -> Iterator[RunningServer]:
-    s = RunningServer(tmp_path)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from serving(RunningServer(tmp_path))
 
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory) -> Iterator[RunningServer]:
-    s = RunningServer(tmp_path_factory.mktemp("server"))
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
+    yield from serving(RunningServer(tmp_path_factory.mktemp("server")))

@@ -3,13 +3,12 @@ real `step-ssh agent` on loopback, the agent inside a test host so glibc's NSS
 (our module) answers from the cache it publishes."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import pytest
 
-from agent_helpers import AgentProc, grant
+from agent_helpers import AgentProc, enroll_in_host, grant
 from server_fixtures import running_server  # noqa: F401  (pytest fixture)
 from step_ssh.proto import stepssh_pb2 as pb
 
@@ -30,15 +29,6 @@ def wait_for(fn, timeout: float = 15.0, what: str = "condition"):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def enroll_in_host(host, server, hostname: str, tags: dict) -> None:
-    """`step-ssh enroll` inside the test host: it writes the host's own
-    /etc/step-ssh (an overlay), exactly as on a real machine."""
-    token = server.token(hostname, tags)
-    r = host.run(STEP_SSH + ["enroll", "--server", server.address, "--fingerprint", server.fingerprint, "--json"],
-                 env={**os.environ, "STEP_SSH_TOKEN": token})
-    assert r.returncode == 0, r.stderr
 
 
 def test_grant_appears_and_revoke_disappears(testhost, running_server, tmp_path):

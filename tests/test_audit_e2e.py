@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from agent_helpers import AgentProc
+from agent_helpers import AgentProc, enroll_in_host
 from login_fixtures import Keys, LoginHost, unavailable
 from server_fixtures import running_server  # noqa: F401  (pytest fixture)
 from step_ssh.proto import stepssh_pb2 as pb
@@ -26,13 +25,6 @@ from step_ssh.proto import stepssh_pb2 as pb
 pytestmark = pytest.mark.testhost
 
 EMPTY_VIEW = {"revision": 1, "users": [], "groups": []}
-
-
-def enroll_in_host(host, server, hostname: str, tags: dict) -> None:
-    r = host.run([sys.executable, "-m", "step_ssh.cli", "enroll", "--server", server.address,
-                  "--fingerprint", server.fingerprint, "--json"],
-                 env={**os.environ, "STEP_SSH_TOKEN": server.token(hostname, tags)})
-    assert r.returncode == 0, r.stderr
 
 
 def wait_events(server, want, timeout: float = 20.0, **query) -> list[pb.AuditEvent]:

@@ -10,14 +10,12 @@ plane's own SSH user CA, which the agent installs as TrustedUserCAKeys.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import pytest
 import yaml
 
-from agent_helpers import AgentProc
+from agent_helpers import AgentProc, enroll_in_host
 from login_fixtures import Keys, LoginHost, unavailable
 from scim_fixtures import scim_server  # noqa: F401  (pytest fixture)
 from step_ssh.proto import stepssh_pb2 as pb
@@ -25,14 +23,6 @@ from step_ssh.proto import stepssh_pb2 as pb
 pytestmark = pytest.mark.testhost
 
 EMPTY_VIEW = {"revision": 1, "users": [], "groups": []}
-
-
-def enroll_in_host(host, server, hostname: str, tags: dict) -> None:
-    """`step-ssh enroll` inside the test host, as on a real machine (it writes the host's /etc/step-ssh)."""
-    r = host.run([sys.executable, "-m", "step_ssh.cli", "enroll", "--server", server.address,
-                  "--fingerprint", server.fingerprint, "--json"],
-                 env={**os.environ, "STEP_SSH_TOKEN": server.token(hostname, tags)})
-    assert r.returncode == 0, r.stderr
 
 
 def wait_for(fn, timeout: float = 15.0, what: str = "condition"):
