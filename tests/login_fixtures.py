@@ -17,7 +17,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+import pytest
 
 from step_ssh import hostconfig, paths
 from step_ssh.cache.writer import build
@@ -162,6 +164,14 @@ class Keys:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def keys() -> Iterator[Keys]:
+    """One user CA and its keys for a test module."""
+    k = Keys()
+    yield k
+    k.close()
 
 
 class LoginHost:

@@ -16,15 +16,9 @@ import pytest
 
 from login_fixtures import (BASE_VIEW, LOCAL_DAVE_UID, PRINCIPALS, Keys, LoginHost,
                             free_port, unavailable, view_with)
+from login_fixtures import keys  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.testhost
-
-
-@pytest.fixture(scope="module")
-def keys():
-    k = Keys()
-    yield k
-    k.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 from login_fixtures import (BASE_VIEW, EVENTS, LOCAL_DAVE_UID, PRINCIPALS, SPOOL, Keys,
                             LoginHost, unavailable, view_with)
+from login_fixtures import keys  # noqa: F401  (pytest fixture)
 from step_ssh import hostconfig
 
 pytestmark = pytest.mark.testhost
@@ -30,13 +31,6 @@ EXTRA_USERS = [
 VIEW = {**BASE_VIEW, "users": BASE_VIEW["users"] + EXTRA_USERS}
 
 PAM_PERM_DENIED = 6
-
-
-@pytest.fixture(scope="module")
-def keys():
-    k = Keys()
-    yield k
-    k.close()
 
 
 @pytest.fixture(scope="module")
