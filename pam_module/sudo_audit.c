@@ -338,25 +338,27 @@ static int audit_accept(const char *plugin_name, unsigned int plugin_type, char 
     return 1;
 }
 
+/* A policy or approval plugin said no (`denied`) or failed (`failure`): sudo's
+ * message, and which plugin, as the reason. */
+static void record_refusal(const char *result, const char *fallback, const char *plugin_name,
+                           const char *audit_msg, char *const command_info[]) {
+    char reason[512];
+    snprintf(reason, sizeof reason, "%s%s%s%s", audit_msg ? audit_msg : fallback, plugin_name ? " (" : "",
+             plugin_name ? plugin_name : "", plugin_name ? ")" : "");
+    record(result, reason, command_info, NULL);
+}
+
 static int audit_reject(const char *plugin_name, unsigned int plugin_type, const char *audit_msg,
                         char *const command_info[], const char **errstr) {
     (void)plugin_type, (void)errstr;
-    char reason[512];
-    snprintf(reason, sizeof reason, "%s%s%s", audit_msg ? audit_msg : "rejected",
-             plugin_name ? " (" : "", plugin_name ? plugin_name : "");
-    if (plugin_name)
-        strncat(reason, ")", sizeof reason - strlen(reason) - 1);
-    record("denied", reason, command_info, NULL);
+    record_refusal("denied", "rejected", plugin_name, audit_msg, command_info);
     return 1;
 }
 
 static int audit_error(const char *plugin_name, unsigned int plugin_type, const char *audit_msg,
                        char *const command_info[], const char **errstr) {
     (void)plugin_type, (void)errstr;
-    char reason[512];
-    snprintf(reason, sizeof reason, "%s%s%s%s", audit_msg ? audit_msg : "error", plugin_name ? " (" : "",
-             plugin_name ? plugin_name : "", plugin_name ? ")" : "");
-    record("failure", reason, command_info, NULL);
+    record_refusal("failure", "error", plugin_name, audit_msg, command_info);
     return 1;
 }
 
